@@ -1,0 +1,491 @@
+"""LeanAttention: decode attention as a stream-K persistent kernel, for CUDA and for the CPU.
+
+One output tile is (sequence b, KV head h) with the G = Hq / Hkv query heads of its group; its
+reduction runs over the KV rows in blocks. The running state per query head is the online
+softmax (m, l, acc) in the log2 domain (scores scaled by ``softmax_scale * log2(e)``, so every
+exponential is one ``exp2``); partial states merge by rescaling to the larger maximum.
+
+GPU step (per warp, 16 KV rows at a time, tensor cores):
+  S^T[kv, head] = K[kv, :] . Q^T        mma.m16n8k16, A = K from shared memory (ldmatrix),
+                                        B = Q^T held in registers for the whole tile
+  P^T fragment from S^T's accumulator   movmatrix.trans: the C layout of S^T becomes the B
+                                        layout of P^T without a trip through shared memory
+  O^T[d, head] += V^T[d, kv] . P^T      mma.m16n8k16, A = V^T by ldmatrix.trans
+With the heads on the mma's N side (8 wide) the G heads of a GQA group fill it for G <= 8 with
+no padding to 16 rows, and the accumulator is D/16 * 4 registers per lane. K and V reach
+shared memory by cp.async (16-byte chunks, XOR-swizzled so ldmatrix is conflict-free), each
+warp running its own pipeline over its 16-row slice of every block: no CTA barrier per block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from types import SimpleNamespace
+
+import tvm
+from tvm.script import tirx as T
+
+from . import streamk
+from .streamk import StreamKConfig
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+NEG_INF = float("-inf")
+DTYPES = ("float16", "bfloat16")
+HEAD_DIMS = (64, 128, 256)
+MAX_GROUPS = (8, 16)
+MMA = {
+    "float16": "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+    "bfloat16": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """What a compiled kernel is specialised for; batch, heads and lengths stay symbolic."""
+
+    dtype: str
+    head_dim: int
+    max_group: int = 8  # serves every G = Hq / Hkv up to this (8: one mma N tile, 16: two)
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
+        if self.head_dim not in HEAD_DIMS:
+            raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {self.head_dim}")
+        if self.max_group not in MAX_GROUPS:
+            raise ValueError(f"max_group: expected one of {MAX_GROUPS}, got {self.max_group}")
+
+    @property
+    def name(self) -> str:
+        return f"lean_attention_{self.dtype}_d{self.head_dim}_g{self.max_group}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuKnobs:
+    """The schedule's tunables (``schedules/<arch>.json`` holds the chosen ones)."""
+
+    rows_per_warp: int = 16  # KV rows a warp folds per step (a multiple of 16)
+    num_warps: int = 4
+    stages: int = 4  # cp.async pipeline depth per warp
+    ctas_per_sm: int = 1
+    max_batch: int = 1024
+
+    @property
+    def block_size(self) -> int:
+        return self.rows_per_warp * self.num_warps
+
+    def streamk_config(self) -> StreamKConfig:
+        return StreamKConfig(block_size=self.block_size, num_threads=32 * self.num_warps,
+                             stages=self.stages, max_batch=self.max_batch)
+
+    def smem_bytes(self, spec: AttentionSpec) -> int:
+        ring = self.num_warps * self.stages * 2 * self.rows_per_warp * spec.head_dim * 2
+        merge = self.num_warps * spec.max_group * (spec.head_dim + 3) * 4 + 2 * spec.max_group * 4
+        return ring + merge + (self.max_batch + 1 + self.num_warps) * 4
+
+
+# --------------------------------------------------------------------------------------------
+# CPU form: one state per tile, a block of rows folded at a time.
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_operator(spec: AttentionSpec, block_size: int):
+    GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
+
+    @T.macro
+    def begin_tile(bufs, b, h):
+        for g in range(bufs.G):
+            bufs.m[g] = T.float32(NEG_INF)
+            bufs.l[g] = T.float32(0)
+            for d in range(D):
+                bufs.acc[g * D + d] = T.float32(0)
+
+    @T.macro
+    def step(bufs, b, h, row0, n):
+        rows = T.meta_var(T.min(block_size, n - row0))
+        for g in range(bufs.G):
+            bufs.tmp[0] = T.float32(NEG_INF)
+            for r in range(rows):
+                bufs.tmp[1] = T.float32(0)
+                for d in range(D):
+                    bufs.tmp[1] = bufs.tmp[1] + T.Cast("float32", bufs.Q[b, h * bufs.G + g, d]) * T.Cast(
+                        "float32", bufs.K[b, h, row0 + r, d])
+                bufs.s[r] = bufs.tmp[1] * bufs.scale_log2
+                bufs.tmp[0] = T.max(bufs.tmp[0], bufs.s[r])
+            bufs.tmp[0] = T.max(bufs.tmp[0], bufs.m[g])  # new max (finite: rows >= 1)
+            bufs.tmp[1] = T.exp2(bufs.m[g] - bufs.tmp[0])  # rescale of the old state
+            bufs.l[g] = bufs.l[g] * bufs.tmp[1]
+            for d in range(D):
+                bufs.acc[g * D + d] = bufs.acc[g * D + d] * bufs.tmp[1]
+            for r in range(rows):
+                bufs.s[r] = T.exp2(bufs.s[r] - bufs.tmp[0])
+                bufs.l[g] = bufs.l[g] + bufs.s[r]
+                for d in range(D):
+                    bufs.acc[g * D + d] = bufs.acc[g * D + d] + bufs.s[r] * T.Cast(
+                        "float32", bufs.V[b, h, row0 + r, d])
+            bufs.m[g] = bufs.tmp[0]
+
+    @T.macro
+    def publish(bufs, slot):
+        for g in range(bufs.G):
+            bufs.WSML[slot, 0, g] = bufs.m[g]
+            bufs.WSML[slot, 1, g] = bufs.l[g]
+            for d in range(D):
+                bufs.WSO[slot, g, d] = bufs.acc[g * D + d]
+
+    @T.macro
+    def merge_from(bufs, slot):
+        for g in range(bufs.G):
+            bufs.tmp[0] = T.max(bufs.m[g], bufs.WSML[slot, 0, g])
+            bufs.tmp[1] = T.exp2(bufs.m[g] - bufs.tmp[0])
+            bufs.tmp[2] = T.exp2(bufs.WSML[slot, 0, g] - bufs.tmp[0])
+            bufs.l[g] = bufs.l[g] * bufs.tmp[1] + bufs.WSML[slot, 1, g] * bufs.tmp[2]
+            for d in range(D):
+                bufs.acc[g * D + d] = bufs.acc[g * D + d] * bufs.tmp[1] + bufs.WSO[slot, g, d] * bufs.tmp[2]
+            bufs.m[g] = bufs.tmp[0]
+
+    @T.macro
+    def write_output(bufs, b, h):
+        for g in range(bufs.G):
+            bufs.LSE[b, h * bufs.G + g] = (bufs.m[g] + T.log2(bufs.l[g])) * T.float32(LN2)
+            for d in range(D):
+                bufs.O[b, h * bufs.G + g, d] = T.Cast(dt, bufs.acc[g * D + d] / bufs.l[g])
+
+    @T.macro
+    def write_empty(bufs, b):
+        for hq in range(bufs.HQ):
+            bufs.LSE[b, hq] = T.float32(NEG_INF)
+            for d in range(D):
+                bufs.O[b, hq, d] = T.Cast(dt, T.float32(0))
+
+    return SimpleNamespace(begin_tile=begin_tile, step=step, publish=publish, merge_from=merge_from,
+                           write_output=write_output, write_empty=write_empty)
+
+
+def make_cpu_kernel(spec: AttentionSpec, block_size: int = 64):
+    """The serial stream-K form for ``llvm``: the package's CPU operator and the oracle that
+    checks the plan, the walk and the cross-block merge the GPU kernel shares."""
+    GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
+    op = _cpu_operator(spec, block_size)
+    walk = streamk.cpu_walk(StreamKConfig(block_size=block_size))
+    one, two, d64, g64 = (tvm.tirx.const(x, "int64") for x in (1, 2, D, GM))
+
+    @T.prim_func(s_tir=True)
+    def lean_attention(q: T.handle, k: T.handle, v: T.handle, seq_lens: T.handle, o: T.handle,
+                       lse: T.handle, ws_o: T.handle, ws_ml: T.handle, flags: T.handle,
+                       softmax_scale: T.float32, num_workers: T.int32, num_splits: T.int32,
+                       grid: T.int32):
+        T.func_attr({"tirx.noalias": True})
+        B, HQ, HKV, LMAX, WSN = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        sqb, sqh, skb, skh, skl = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        svb, svh, svl = T.int64(), T.int64(), T.int64()
+        Q = T.match_buffer(q, (B, HQ, d64), dt, strides=(sqb, sqh, one))
+        K = T.match_buffer(k, (B, HKV, LMAX, d64), dt, strides=(skb, skh, skl, one))
+        V = T.match_buffer(v, (B, HKV, LMAX, d64), dt, strides=(svb, svh, svl, one))
+        SL = T.match_buffer(seq_lens, (B,), "int32")
+        O = T.match_buffer(o, (B, HQ, d64), dt)
+        LSE = T.match_buffer(lse, (B, HQ), "float32")
+        WSO = T.match_buffer(ws_o, (WSN, g64, d64), "float32")
+        WSML = T.match_buffer(ws_ml, (WSN, two, g64), "float32")
+        FLAGS = T.match_buffer(flags, (WSN,), "int32")
+        cum = T.alloc_buffer((B + one,), "int32")
+        srch = T.alloc_buffer((2,), "int32")
+        m = T.alloc_buffer((GM,), "float32")
+        l_ = T.alloc_buffer((GM,), "float32")
+        acc = T.alloc_buffer((GM * D,), "float32")
+        s = T.alloc_buffer((block_size,), "float32")
+        tmp = T.alloc_buffer((3,), "float32")
+        nh = T.meta_var(T.Cast("int32", HKV))
+        ctx = T.meta_var(SimpleNamespace(SL=SL, B=T.Cast("int32", B), H=nh, LMAX=T.Cast("int32", LMAX),
+                                         CUM=cum, NW=num_workers, SPLITS=num_splits, srch=srch,
+                                         FLAGS=FLAGS))
+        bufs = T.meta_var(SimpleNamespace(Q=Q, K=K, V=V, O=O, LSE=LSE, WSO=WSO, WSML=WSML,
+                                          HQ=T.Cast("int32", HQ), G=T.Cast("int32", HQ) // nh,
+                                          m=m, l=l_, acc=acc, s=s, tmp=tmp,
+                                          scale_log2=softmax_scale * T.float32(LOG2E)))
+        walk(ctx, op, bufs)
+
+    return lean_attention.with_attr("global_symbol", spec.name + "_cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# GPU form: per-warp tensor-core steps, a CTA-wide state only at piece ends.
+# --------------------------------------------------------------------------------------------
+
+
+def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
+    GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
+    RW, NWARP, S, NT = knobs.rows_per_warp, knobs.num_warps, knobs.stages, 32 * knobs.num_warps
+    KS = D // 16  # k-steps of Q.K^T; d-tiles of the output
+    NM = RW // 16  # 16-row kv tiles per warp step
+    NN = GM // 8  # 8-wide head tiles
+    CH = D // 8  # 16-byte chunks per row
+    CPL = RW * CH // 32  # chunks per lane per matrix
+    E = (GM * D + NT - 1) // NT  # CTA-state elements per thread
+    mma = MMA[dt]
+    full = T.uint32(0xFFFFFFFF)
+    ninf = T.float32(NEG_INF)
+
+    def ring(warp, stage, kv, r, c):
+        """Element offset of 16-byte chunk c of row r; XOR swizzle keeps ldmatrix conflict-free."""
+        return ((((warp * S + stage) * 2 + kv) * RW + r) * D) + T.bitwise_xor(c, T.bitwise_and(r, 7)) * 8
+
+    @T.macro
+    def begin_tile(bufs, b, h):
+        g, t = T.meta_var(T.truncdiv(bufs.lane, 4)), T.meta_var(T.truncmod(bufs.lane, 4))
+        for nn in T.unroll(NN):
+            for j in T.unroll(2):
+                bufs.mrow[nn * 2 + j] = ninf
+                bufs.lrow[nn * 2 + j] = T.float32(0)
+            for kk in T.unroll(KS):
+                for e in T.unroll(4):
+                    # b0 = Q[g, 16kk + 2t + {0,1}], b1 = Q[g, 16kk + 2t + 8 + {0,1}]
+                    if nn * 8 + g < bufs.G:
+                        bufs.qh[(nn * KS + kk) * 4 + e] = bufs.Q[b, h * bufs.G + nn * 8 + g,
+                                                               kk * 16 + t * 2 + T.truncmod(e, 2) + 8 * T.truncdiv(e, 2)]
+                    else:
+                        bufs.qh[(nn * KS + kk) * 4 + e] = T.Cast(dt, T.float32(0))
+                    bufs.acc[(nn * KS + kk) * 4 + e] = T.float32(0)
+
+    @T.macro
+    def load(bufs, stage, b, h, row0, n):
+        base = T.meta_var(row0 + bufs.warp * RW)
+        for u in T.unroll(CPL):
+            r = T.meta_var(T.truncdiv(u * 32 + bufs.lane, CH))
+            c = T.meta_var(T.truncmod(u * 32 + bufs.lane, CH))
+            row = T.meta_var(T.min(base + r, n - 1))  # rows past the length: zero-filled
+            size = T.meta_var(T.if_then_else(base + r < n, T.uint32(16), T.uint32(0)))
+            T.ptx["cp.async.cg.shared.global"](T.address_of(bufs.RING[ring(bufs.warp, stage, 0, r, c)]),
+                                               T.address_of(bufs.K[b, h, row, c * 8]), 16, size)
+            T.ptx["cp.async.cg.shared.global"](T.address_of(bufs.RING[ring(bufs.warp, stage, 1, r, c)]),
+                                               T.address_of(bufs.V[b, h, row, c * 8]), 16, size)
+
+    @T.macro
+    def compute(bufs, stage, b, h, row0, n):
+        lane, warp = T.meta_var(bufs.lane), T.meta_var(bufs.warp)
+        g = T.meta_var(T.truncdiv(lane, 4))
+        # S^T = K Q^T: A = K rows (ldmatrix), B = Q^T fragments in registers.
+        for mt in T.unroll(NM):
+            for nn in T.unroll(NN):
+                for i in T.unroll(4):
+                    bufs.sc[(mt * NN + nn) * 4 + i] = T.float32(0)
+            for kk in T.unroll(KS):
+                T.ptx.ldmatrix.sync.aligned.m8n8.x4.shared.b16(
+                    bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
+                    T.address_of(bufs.RING[ring(warp, stage, 0, mt * 16 + T.truncmod(lane, 16),
+                                                kk * 2 + T.truncdiv(lane, 16))]))
+                for nn in T.unroll(NN):
+                    x = T.meta_var((mt * NN + nn) * 4)
+                    T.ptx[mma](bufs.sc[x], bufs.sc[x + 1], bufs.sc[x + 2], bufs.sc[x + 3],
+                               bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
+                               bufs.qw[(nn * KS + kk) * 2], bufs.qw[(nn * KS + kk) * 2 + 1],
+                               bufs.sc[x], bufs.sc[x + 1], bufs.sc[x + 2], bufs.sc[x + 3])
+        # Mask rows past the length, scale into the log2 domain.
+        for mt in T.unroll(NM):
+            for nn in T.unroll(NN):
+                for i in T.unroll(4):
+                    row = T.meta_var(row0 + warp * RW + mt * 16 + g + 8 * T.truncdiv(i, 2))
+                    bufs.sc[(mt * NN + nn) * 4 + i] = T.if_then_else(
+                        row < n, bufs.sc[(mt * NN + nn) * 4 + i] * bufs.scale_log2, ninf)
+        # Online softmax per head column (this lane's heads 2t, 2t+1 of each head tile).
+        for nn in T.unroll(NN):
+            for j in T.unroll(2):
+                bufs.red[0] = ninf
+                for mt in T.unroll(NM):
+                    for i2 in T.unroll(2):
+                        bufs.red[0] = T.max(bufs.red[0], bufs.sc[(mt * NN + nn) * 4 + j + 2 * i2])
+                for o in T.unroll(3):
+                    bufs.red[1] = T.tvm_warp_shuffle_xor(full, bufs.red[0], 4 << o, 32, 32)
+                    bufs.red[0] = T.max(bufs.red[0], bufs.red[1])
+                bufs.red[0] = T.max(bufs.red[0], bufs.mrow[nn * 2 + j])  # new max
+                bufs.red[1] = T.if_then_else(bufs.red[0] == ninf, T.float32(0), bufs.red[0])
+                bufs.red[2] = T.exp2(bufs.mrow[nn * 2 + j] - bufs.red[1])  # rescale
+                bufs.mrow[nn * 2 + j] = bufs.red[0]
+                bufs.lrow[nn * 2 + j] = bufs.lrow[nn * 2 + j] * bufs.red[2]
+                for kk in T.unroll(KS):
+                    for i2 in T.unroll(2):
+                        bufs.acc[(nn * KS + kk) * 4 + j + 2 * i2] = bufs.acc[(nn * KS + kk) * 4 + j + 2 * i2] * bufs.red[2]
+                for mt in T.unroll(NM):
+                    for i2 in T.unroll(2):
+                        x = T.meta_var((mt * NN + nn) * 4 + j + 2 * i2)
+                        bufs.sc[x] = T.exp2(bufs.sc[x] - bufs.red[1])
+                        bufs.lrow[nn * 2 + j] = bufs.lrow[nn * 2 + j] + bufs.sc[x]
+        # P^T as the B operand: pack to 16 bits, transpose each 8x8 with movmatrix.
+        for x in T.unroll(NM * NN * 4):
+            bufs.ph[x] = T.Cast(dt, bufs.sc[x])
+        for x in T.unroll(NM * NN * 2):
+            T.ptx.movmatrix.sync.aligned.m8n8.trans.b16(bufs.pb[x], bufs.pw[x])
+        # O^T += V^T P^T: A = V^T by ldmatrix.trans.
+        for mt in T.unroll(NM):
+            for kk in T.unroll(KS):
+                T.ptx.ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16(
+                    bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
+                    T.address_of(bufs.RING[ring(warp, stage, 1,
+                                                mt * 16 + T.truncmod(lane, 8) + 8 * T.truncdiv(lane, 16),
+                                                kk * 2 + T.truncmod(T.truncdiv(lane, 8), 2))]))
+                for nn in T.unroll(NN):
+                    x = T.meta_var((nn * KS + kk) * 4)
+                    T.ptx[mma](bufs.acc[x], bufs.acc[x + 1], bufs.acc[x + 2], bufs.acc[x + 3],
+                               bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
+                               bufs.pb[(mt * NN + nn) * 2], bufs.pb[(mt * NN + nn) * 2 + 1],
+                               bufs.acc[x], bufs.acc[x + 1], bufs.acc[x + 2], bufs.acc[x + 3])
+
+    @T.macro
+    def combine(bufs):
+        """Warp states -> shared memory -> per-thread elements (head, d) of the CTA's state."""
+        lane, warp, tx = T.meta_var(bufs.lane), T.meta_var(bufs.warp), T.meta_var(bufs.tx)
+        g, t = T.meta_var(T.truncdiv(lane, 4)), T.meta_var(T.truncmod(lane, 4))
+        for x in T.unroll(NN * 2):
+            for o in T.unroll(3):
+                bufs.red[1] = T.tvm_warp_shuffle_xor(full, bufs.lrow[x], 4 << o, 32, 32)
+                bufs.lrow[x] = bufs.lrow[x] + bufs.red[1]
+        for nn in T.unroll(NN):
+            for j in T.unroll(2):
+                head = T.meta_var(nn * 8 + 2 * t + j)
+                if g == 0 and head < bufs.G:
+                    bufs.MW[warp * bufs.G + head] = bufs.mrow[nn * 2 + j]
+                    bufs.LW[warp * bufs.G + head] = bufs.lrow[nn * 2 + j]
+            for kk in T.unroll(KS):
+                for i in T.unroll(4):
+                    head = T.meta_var(nn * 8 + 2 * t + T.truncmod(i, 2))
+                    if head < bufs.G:
+                        bufs.ACCW[(warp * bufs.G + head) * D + kk * 16 + g + 8 * T.truncdiv(i, 2)] = bufs.acc[(nn * KS + kk) * 4 + i]
+        T.tvm_storage_sync("shared")
+        if tx < bufs.G:
+            bufs.red[0] = ninf
+            for w in T.unroll(NWARP):
+                bufs.red[0] = T.max(bufs.red[0], bufs.MW[w * bufs.G + tx])
+            bufs.red[1] = T.float32(0)
+            for w in T.unroll(NWARP):
+                bufs.FW[w * bufs.G + tx] = T.exp2(bufs.MW[w * bufs.G + tx] - bufs.red[0])
+                bufs.red[1] = bufs.red[1] + bufs.LW[w * bufs.G + tx] * bufs.FW[w * bufs.G + tx]
+            bufs.MS[tx] = bufs.red[0]
+            bufs.LS[tx] = bufs.red[1]
+        T.tvm_storage_sync("shared")
+        for e in T.unroll(E):
+            idx = T.meta_var(e * NT + tx)
+            if idx < bufs.G * D:
+                bufs.eo[e] = T.float32(0)
+                for w in T.unroll(NWARP):
+                    bufs.eo[e] = bufs.eo[e] + bufs.ACCW[w * bufs.G * D + idx] * bufs.FW[w * bufs.G + T.truncdiv(idx, D)]
+                bufs.em[e] = bufs.MS[T.truncdiv(idx, D)]
+                bufs.el[e] = bufs.LS[T.truncdiv(idx, D)]
+
+    @T.macro
+    def publish(bufs, slot):
+        for e in T.unroll(E):
+            idx = T.meta_var(e * NT + bufs.tx)
+            if idx < bufs.G * D:
+                bufs.WSO[slot, T.truncdiv(idx, D), T.truncmod(idx, D)] = bufs.eo[e]
+                if T.truncmod(idx, D) == 0:
+                    bufs.WSML[slot, 0, T.truncdiv(idx, D)] = bufs.em[e]
+                    bufs.WSML[slot, 1, T.truncdiv(idx, D)] = bufs.el[e]
+
+    @T.macro
+    def merge_from(bufs, slot):
+        for e in T.unroll(E):
+            idx = T.meta_var(e * NT + bufs.tx)
+            if idx < bufs.G * D:
+                mc = T.meta_var(bufs.WSML[slot, 0, T.truncdiv(idx, D)])
+                bufs.red[0] = T.max(bufs.em[e], mc)
+                bufs.red[1] = T.exp2(bufs.em[e] - bufs.red[0])
+                bufs.red[2] = T.exp2(mc - bufs.red[0])
+                bufs.eo[e] = bufs.eo[e] * bufs.red[1] + bufs.WSO[slot, T.truncdiv(idx, D), T.truncmod(idx, D)] * bufs.red[2]
+                bufs.el[e] = bufs.el[e] * bufs.red[1] + bufs.WSML[slot, 1, T.truncdiv(idx, D)] * bufs.red[2]
+                bufs.em[e] = bufs.red[0]
+
+    @T.macro
+    def write_output(bufs, b, h):
+        for e in T.unroll(E):
+            idx = T.meta_var(e * NT + bufs.tx)
+            if idx < bufs.G * D:
+                bufs.O[b, h * bufs.G + T.truncdiv(idx, D), T.truncmod(idx, D)] = T.Cast(dt, bufs.eo[e] / bufs.el[e])
+                if T.truncmod(idx, D) == 0:
+                    bufs.LSE[b, h * bufs.G + T.truncdiv(idx, D)] = (bufs.em[e] + T.log2(bufs.el[e])) * T.float32(LN2)
+
+    @T.macro
+    def write_empty(bufs, b):
+        for k in range(T.truncdiv(bufs.HQ * D + NT - 1, NT)):
+            if k * NT + bufs.tx < bufs.HQ * D:
+                bufs.O[b, T.truncdiv(k * NT + bufs.tx, D), T.truncmod(k * NT + bufs.tx, D)] = T.Cast(dt, T.float32(0))
+                if T.truncmod(k * NT + bufs.tx, D) == 0:
+                    bufs.LSE[b, T.truncdiv(k * NT + bufs.tx, D)] = ninf
+
+    return SimpleNamespace(begin_tile=begin_tile, load=load, compute=compute, combine=combine,
+                           publish=publish, merge_from=merge_from, write_output=write_output,
+                           write_empty=write_empty, sizes=dict(KS=KS, NM=NM, NN=NN, E=E))
+
+
+def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs()):
+    """The persistent CUDA kernel: grid = ``grid`` CTAs walking ``num_workers`` planned ranges."""
+    GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
+    cfg = knobs.streamk_config()
+    RW, NWARP, S, NT = knobs.rows_per_warp, knobs.num_warps, knobs.stages, cfg.num_threads
+    op = _gpu_operator(spec, knobs)
+    KS, NM, NN, E = (op.sizes[k] for k in ("KS", "NM", "NN", "E"))
+    walk = streamk.gpu_walk(cfg)
+    one, two, d64, g64 = (tvm.tirx.const(x, "int64") for x in (1, 2, D, GM))
+    ring_elems = NWARP * S * 2 * RW * D
+
+    @T.prim_func(s_tir=True)
+    def lean_attention(q: T.handle, k: T.handle, v: T.handle, seq_lens: T.handle, o: T.handle,
+                       lse: T.handle, ws_o: T.handle, ws_ml: T.handle, flags: T.handle,
+                       softmax_scale: T.float32, num_workers: T.int32, num_splits: T.int32,
+                       grid: T.int32):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        B, HQ, HKV, LMAX, WSN = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        sqb, sqh, skb, skh, skl = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        svb, svh, svl = T.int64(), T.int64(), T.int64()
+        Q = T.match_buffer(q, (B, HQ, d64), dt, strides=(sqb, sqh, one))
+        K = T.match_buffer(k, (B, HKV, LMAX, d64), dt, strides=(skb, skh, skl, one))
+        V = T.match_buffer(v, (B, HKV, LMAX, d64), dt, strides=(svb, svh, svl, one))
+        SL = T.match_buffer(seq_lens, (B,), "int32")
+        O = T.match_buffer(o, (B, HQ, d64), dt)
+        LSE = T.match_buffer(lse, (B, HQ), "float32")
+        WSO = T.match_buffer(ws_o, (WSN, g64, d64), "float32")
+        WSML = T.match_buffer(ws_ml, (WSN, two, g64), "float32")
+        FLAGS = T.match_buffer(flags, (WSN,), "int32")
+        bx = T.launch_thread("blockIdx.x", grid)
+        tx = T.launch_thread("threadIdx.x", NT)
+        ring = T.alloc_buffer((ring_elems,), dt, scope="shared.dyn")
+        accw = T.alloc_buffer((NWARP * GM * D,), "float32", scope="shared")
+        mw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
+        lw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
+        fw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
+        ms = T.alloc_buffer((GM,), "float32", scope="shared")
+        ls = T.alloc_buffer((GM,), "float32", scope="shared")
+        cum = T.alloc_buffer((cfg.max_batch + 1,), "int32", scope="shared")
+        wsum = T.alloc_buffer((NWARP,), "int32", scope="shared")
+        srch = T.alloc_buffer((2,), "int32", scope="local")
+        seen = T.alloc_buffer((1,), "int32", scope="local")
+        qh = T.alloc_buffer((NN * KS * 4,), dt, scope="local")
+        qw = T.decl_buffer((NN * KS * 2,), "uint32", data=qh.data, scope="local")
+        acc = T.alloc_buffer((NN * KS * 4,), "float32", scope="local")
+        mrow = T.alloc_buffer((NN * 2,), "float32", scope="local")
+        lrow = T.alloc_buffer((NN * 2,), "float32", scope="local")
+        sc = T.alloc_buffer((NM * NN * 4,), "float32", scope="local")
+        ph = T.alloc_buffer((NM * NN * 4,), dt, scope="local")
+        pw = T.decl_buffer((NM * NN * 2,), "uint32", data=ph.data, scope="local")
+        pb = T.alloc_buffer((NM * NN * 2,), "uint32", scope="local")
+        af = T.alloc_buffer((4,), "uint32", scope="local")
+        red = T.alloc_buffer((3,), "float32", scope="local")
+        eo = T.alloc_buffer((E,), "float32", scope="local")
+        em = T.alloc_buffer((E,), "float32", scope="local")
+        el = T.alloc_buffer((E,), "float32", scope="local")
+        nh = T.meta_var(T.Cast("int32", HKV))
+        lane, warp = T.meta_var(T.truncmod(tx, 32)), T.meta_var(T.truncdiv(tx, 32))
+        ctx = T.meta_var(SimpleNamespace(
+            SL=SL, B=T.Cast("int32", B), H=nh, LMAX=T.Cast("int32", LMAX), CUM=cum, NW=num_workers,
+            SPLITS=num_splits, srch=srch, FLAGS=FLAGS, seen=seen, WSUM=wsum, tx=tx, lane=lane,
+            warp=warp, bx=bx, grid=grid))
+        bufs = T.meta_var(SimpleNamespace(
+            Q=Q, K=K, V=V, O=O, LSE=LSE, WSO=WSO, WSML=WSML, HQ=T.Cast("int32", HQ),
+            G=T.Cast("int32", HQ) // nh, RING=ring, ACCW=accw, MW=mw, LW=lw, FW=fw, MS=ms, LS=ls,
+            qh=qh, qw=qw, acc=acc, mrow=mrow, lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, red=red,
+            eo=eo, em=em, el=el, tx=tx, lane=lane, warp=warp,
+            scale_log2=softmax_scale * T.float32(LOG2E)))
+        walk(ctx, op, bufs)
+
+    return lean_attention.with_attr("global_symbol", spec.name)

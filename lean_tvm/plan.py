@@ -1,0 +1,313 @@
+"""Partitions of the decode-attention KV walk: stream-K (LeanAttention), fixed split, no split.
+
+All three are one arithmetic, which the kernels evaluate on the device from ``seq_lens`` (so a
+CUDA graph replays correctly after the lengths change) and which this module evaluates in plain
+Python as the oracle for tests and the picture for users.
+
+Output tiles are ``t = b * num_kv_heads + h``; tile ``t`` has ``ceil(seq_lens[b] / block_size)``
+KV blocks. All tiles' blocks are laid end to end in tile order ("the block space"). A *worker*
+(a CTA, or one of the items a persistent CTA walks) owns the contiguous range ``[lo, hi)``:
+
+* stream-K (``num_splits == 0``): ``num_workers = num_ctas`` and
+  ``lo(w) = w * total // num_workers`` -- equal shares to within one block;
+* fixed split (``num_splits = S``): worker ``w`` is chunk ``w % S`` of tile ``w // S``, i.e.
+  ``lo = start_t + j * nb_t // S``; "no split" is ``S = 1`` (FlashAttention-2 style).
+
+A range is cut at tile boundaries into *pieces*. The worker holding a tile's last block is its
+*reducer*; every other worker overlapping the tile is a *contributor* with a lower index, which
+publishes one partial state (a worker publishes at most one: only its last piece can stop short
+of a tile's end). A worker walks its range starting after its first piece when that piece is a
+reducer piece and does it last, so it publishes before it waits and, run in index order, never
+waits on a later worker: the CPU form runs workers one after another, the GPU form hardly waits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from enum import Enum
+
+import numpy as np
+
+STREAM_K = 0  # the ``num_splits`` value that selects the stream-K partition
+
+
+class PieceKind(Enum):
+    FULL = "full"  # the whole tile: normalise and write the output directly
+    CONTRIBUTOR = "contributor"  # stops before the tile's end: publish a partial state
+    REDUCER = "reducer"  # holds the tile's last block: merge the contributors, write output
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A worker's share of one output tile: blocks ``[begin, end)`` of the block space."""
+
+    tile: int
+    begin: int
+    end: int
+    kind: PieceKind
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A partition of every tile's KV blocks over workers.
+
+    ``pieces[w]`` lists worker ``w``'s pieces in walk order; ``contributors[t]`` lists, for a
+    tile split across workers, the workers whose partials its reducer merges (in merge order).
+    """
+
+    name: str
+    seq_lens: tuple[int, ...]
+    num_kv_heads: int
+    block_size: int
+    num_workers: int
+    tile_start: np.ndarray  # [num_tiles + 1] exclusive prefix of blocks per tile
+    ranges: np.ndarray  # [num_workers, 2] (lo, hi) in the block space
+    pieces: tuple[tuple[Piece, ...], ...]
+    reducer: dict[int, int]  # tile -> worker that finishes it (split tiles only)
+    contributors: dict[int, tuple[int, ...]]
+
+    @property
+    def num_tiles(self) -> int:
+        return len(self.tile_start) - 1
+
+    @property
+    def total_blocks(self) -> int:
+        return int(self.tile_start[-1])
+
+    def blocks_per_worker(self) -> np.ndarray:
+        return self.ranges[:, 1] - self.ranges[:, 0]
+
+    def splits_per_tile(self) -> np.ndarray:
+        """How many workers share each tile (0 for an empty tile)."""
+        counts = np.zeros(self.num_tiles, dtype=np.int64)
+        for worker_pieces in self.pieces:
+            for piece in worker_pieces:
+                counts[piece.tile] += 1
+        return counts
+
+    def num_partials(self) -> int:
+        return sum(len(c) for c in self.contributors.values())
+
+    def workspace_bytes(self, group_size: int, head_dim: int) -> int:
+        """fp32 partial output + (max, sum) per worker slot, and one int32 flag per worker."""
+        return self.num_workers * (group_size * head_dim * 4 + 2 * group_size * 4 + 4)
+
+
+def blocks_per_sequence(seq_lens: Sequence[int], block_size: int) -> np.ndarray:
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    if lens.ndim != 1:
+        raise ValueError(f"seq_lens: expected a 1-D sequence, got shape {lens.shape}")
+    if (lens < 0).any():
+        raise ValueError(f"seq_lens: expected lengths >= 0, got {lens.min()}")
+    if block_size <= 0:
+        raise ValueError(f"block_size: expected > 0, got {block_size}")
+    return (lens + block_size - 1) // block_size
+
+
+def tile_starts(seq_lens: Sequence[int], num_kv_heads: int, block_size: int) -> np.ndarray:
+    """Exclusive prefix sum of blocks over tiles ``b * num_kv_heads + h`` (length tiles + 1)."""
+    nb = np.repeat(blocks_per_sequence(seq_lens, block_size), num_kv_heads)
+    return np.concatenate([[0], np.cumsum(nb)]).astype(np.int64)
+
+
+def worker_ranges(tile_start: np.ndarray, num_workers: int, num_splits: int) -> np.ndarray:
+    """``[num_workers, 2]`` block ranges: the formulas the device plan evaluates too."""
+    if num_splits == STREAM_K:
+        total = int(tile_start[-1])
+        edges = np.arange(num_workers + 1, dtype=np.int64) * total // num_workers
+        return np.stack([edges[:-1], edges[1:]], axis=1)
+    start, nb = tile_start[:-1], np.diff(tile_start)
+    j = np.arange(num_splits, dtype=np.int64)
+    lo = start[:, None] + j[None, :] * nb[:, None] // num_splits
+    hi = start[:, None] + (j[None, :] + 1) * nb[:, None] // num_splits
+    return np.stack([lo.ravel(), hi.ravel()], axis=1)
+
+
+def _pieces_of(lo: int, hi: int, tile_start: np.ndarray) -> list[Piece]:
+    """Cut ``[lo, hi)`` at tile boundaries, classify, and put a reducer piece last."""
+    pieces = []
+    x = lo
+    while x < hi:
+        t = int(np.searchsorted(tile_start, x, side="right")) - 1
+        t_begin, t_end = int(tile_start[t]), int(tile_start[t + 1])
+        end = min(hi, t_end)
+        if end < t_end:
+            kind = PieceKind.CONTRIBUTOR
+        elif x > t_begin:
+            kind = PieceKind.REDUCER
+        else:
+            kind = PieceKind.FULL
+        pieces.append(Piece(t, x, end, kind))
+        x = end
+    if pieces and pieces[0].kind is PieceKind.REDUCER:
+        pieces.append(pieces.pop(0))
+    return pieces
+
+
+def make_plan(
+    seq_lens: Sequence[int],
+    num_kv_heads: int,
+    block_size: int,
+    num_ctas: int,
+    num_splits: int = STREAM_K,
+) -> Plan:
+    """Partition the blocks of all ``len(seq_lens) * num_kv_heads`` tiles.
+
+    ``num_splits == 0`` gives stream-K over ``num_ctas`` workers; ``num_splits >= 1`` gives a
+    fixed split with ``num_tiles * num_splits`` workers (``num_ctas`` is then ignored).
+    """
+    if num_kv_heads <= 0:
+        raise ValueError(f"num_kv_heads: expected > 0, got {num_kv_heads}")
+    if num_splits < 0:
+        raise ValueError(f"num_splits: expected >= 0 (0 = stream-K), got {num_splits}")
+    if num_splits == STREAM_K and num_ctas <= 0:
+        raise ValueError(f"num_ctas: expected > 0, got {num_ctas}")
+    tile_start = tile_starts(seq_lens, num_kv_heads, block_size)
+    num_tiles = len(tile_start) - 1
+    num_workers = num_ctas if num_splits == STREAM_K else num_tiles * num_splits
+    ranges = worker_ranges(tile_start, num_workers, num_splits)
+    pieces = tuple(tuple(_pieces_of(int(lo), int(hi), tile_start)) for lo, hi in ranges)
+    reducer, parts = {}, {}
+    for w in range(num_workers):
+        for piece in pieces[w]:
+            if piece.kind is PieceKind.REDUCER:
+                reducer[piece.tile] = w
+            elif piece.kind is PieceKind.CONTRIBUTOR:
+                parts.setdefault(piece.tile, []).append(w)
+    # Merge order is the device's: from the reducer downwards over lower workers.
+    contributors = {t: tuple(sorted(parts.get(t, ()), reverse=True)) for t in reducer}
+    name = "stream-K" if num_splits == STREAM_K else ("no split" if num_splits == 1 else f"fixed split {num_splits}")
+    return Plan(
+        name=name,
+        seq_lens=tuple(int(x) for x in seq_lens),
+        num_kv_heads=num_kv_heads,
+        block_size=block_size,
+        num_workers=num_workers,
+        tile_start=tile_start,
+        ranges=ranges,
+        pieces=pieces,
+        reducer=reducer,
+        contributors=contributors,
+    )
+
+
+def stream_k_plan(seq_lens, num_kv_heads, block_size, num_ctas) -> Plan:
+    """LeanAttention: every worker gets an equal contiguous share of all tiles' blocks."""
+    return make_plan(seq_lens, num_kv_heads, block_size, num_ctas, STREAM_K)
+
+
+def fixed_split_plan(seq_lens, num_kv_heads, block_size, num_splits) -> Plan:
+    """Flash-Decoding: every tile cut into ``num_splits`` chunks, then merged."""
+    if num_splits < 1:
+        raise ValueError(f"num_splits: expected >= 1, got {num_splits}")
+    return make_plan(seq_lens, num_kv_heads, block_size, 0, num_splits)
+
+
+def no_split_plan(seq_lens, num_kv_heads, block_size) -> Plan:
+    """FlashAttention-2 decode: one worker per output tile."""
+    return make_plan(seq_lens, num_kv_heads, block_size, 0, 1)
+
+
+def summarize(plan: Plan, group_size: int = 1, head_dim: int = 128) -> str:
+    """A few lines a user can read: balance, splits, partials, workspace."""
+    work = plan.blocks_per_worker()
+    busy = work[work > 0]
+    splits = plan.splits_per_tile()
+    lines = [
+        f"{plan.name}: {plan.num_tiles} tiles, {plan.total_blocks} blocks of {plan.block_size} rows, "
+        f"{plan.num_workers} workers",
+        f"  blocks per worker: min {work.min() if len(work) else 0} max {work.max() if len(work) else 0} "
+        f"(busy workers {len(busy)}, idle {len(work) - len(busy)})",
+        f"  critical path: {work.max() if len(work) else 0} blocks "
+        f"(perfect balance {plan.total_blocks / max(plan.num_workers, 1):.1f})",
+        f"  splits per tile: max {splits.max() if len(splits) else 0}, tiles split {int((splits > 1).sum())}, "
+        f"partials merged {plan.num_partials()}",
+        f"  workspace: {plan.workspace_bytes(group_size, head_dim) / 1024:.1f} KiB "
+        f"(G={group_size}, D={head_dim})",
+    ]
+    return "\n".join(lines)
+
+
+def draw(plans: Sequence[Plan], path: str, num_slots: int | None = None) -> None:
+    """Workers (rows) against time in blocks (columns), coloured by output tile, one panel a plan.
+
+    Each worker's row is its walk in order; a fixed-split plan's workers are packed onto
+    ``num_slots`` persistent CTAs in index order to show the critical path the GPU sees.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(plans), 1, figsize=(11, 3.2 * len(plans)), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    for ax, plan in zip(axes[:, 0], plans):
+        slots = num_slots or plan.num_workers
+        clock = np.zeros(slots, dtype=np.int64)
+        for w, worker_pieces in enumerate(plan.pieces):
+            lane = w % slots
+            for piece in worker_pieces:
+                n = piece.end - piece.begin
+                hatch = None if piece.kind is PieceKind.FULL else "//"
+                ax.barh(lane, n, left=clock[lane], color=cmap(piece.tile % 20), hatch=hatch,
+                        edgecolor="black", linewidth=0.2)
+                clock[lane] += n
+        ax.set_title(f"{plan.name}: critical path {clock.max()} blocks on {slots} CTAs")
+        ax.set_ylabel("CTA")
+        ax.set_xlabel("KV blocks processed (colour = output tile, hatched = split tile)")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _parse_heads(text: str) -> tuple[int, int]:
+    try:
+        hq, hkv = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--heads: expected HQ/HKV like 32/8, got {text!r}") from None
+    if hkv <= 0 or hq % hkv:
+        raise argparse.ArgumentTypeError(f"--heads: HQ must be a positive multiple of HKV, got {text!r}")
+    return hq, hkv
+
+
+def _parse_lens(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seq-lens: expected comma-separated ints, got {text!r}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m lean_tvm.plan",
+        description="Print and draw the stream-K (LeanAttention) partition of a decode batch "
+        "beside the fixed-split (Flash-Decoding) and no-split plans.",
+    )
+    ap.add_argument("--seq-lens", type=_parse_lens, required=True, help="e.g. 131072,1024,1024")
+    ap.add_argument("--heads", type=_parse_heads, default=(32, 8), help="HQ/HKV (default 32/8)")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=64, help="KV rows per block (default 64)")
+    ap.add_argument("--ctas", type=int, default=132, help="persistent CTAs (default 132, H100 SMs)")
+    ap.add_argument("--splits", type=int, default=8, help="chunks per tile of the fixed-split plan")
+    ap.add_argument("--png", help="write the picture here")
+    args = ap.parse_args(argv)
+    hq, hkv = args.heads
+    group = hq // hkv
+    plans = [
+        stream_k_plan(args.seq_lens, hkv, args.block_size, args.ctas),
+        fixed_split_plan(args.seq_lens, hkv, args.block_size, args.splits),
+        no_split_plan(args.seq_lens, hkv, args.block_size),
+    ]
+    for p in plans:
+        print(summarize(p, group, args.head_dim))
+    if args.png:
+        draw(plans, args.png, num_slots=args.ctas)
+        print(f"wrote {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,309 @@
+"""The stream-K schedule primitive: a persistent walk over planned ranges of reduction blocks.
+
+An operator whose output tiles each reduce over a run of blocks (decode attention: KV blocks of
+one (sequence, KV head); a split-K GEMV: K blocks of a group of rows) hands this module a few
+TIR macros -- how to start a tile, load and fold one block into its running state, merge two
+states, publish and write a state -- and gets back the whole persistent kernel structure:
+
+* the device-side plan (``plan.py``'s arithmetic, evaluated from the lengths on the device, so a
+  captured CUDA graph stays right when the lengths change in place);
+* each worker's contiguous range, cut at tile boundaries, walked with its reducer piece last;
+* on the GPU, one software pipeline (cp.async, ``stages`` deep, per warp) over the whole range,
+  the tile switch inside the loop body so prefetch crosses tile boundaries;
+* the cross-block reduction: contributors publish a partial and store-release a flag; the
+  reducer acquires the flags of the lower workers in a fixed order, merges, resets the flags
+  (graph-safe: no epoch from the host) and writes the tile's output.
+
+The CPU form is the same walk with the worker index as a serial loop and no waits: the plan's
+order rule makes worker ``v`` depend only on workers below ``v``.
+
+Operator interface (``op`` below; every macro takes the operator's buffer namespace first):
+``begin_tile(bufs, b, h)``, ``write_empty(bufs, b)``, ``publish(bufs, slot)``,
+``merge_from(bufs, slot)``, ``write_output(bufs, b, h)``; CPU: ``step(bufs, b, h, row0, n)``;
+GPU: ``load(bufs, stage, b, h, row0, n)``, ``compute(bufs, stage, b, h, row0, n)``,
+``combine(bufs)`` (warp states -> the CTA's state). ``row0`` is the block's first row, ``n``
+the tile's valid length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tvm.script import tirx as T
+
+# Cursor layout (a local int32[5]): the block and the tile that holds it.
+BLK, SEQ, HEAD, TSTART, TEND = range(5)
+NO_FLAG, FLAG_SET = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamKConfig:
+    """Compile-time shape of the persistent walk (the tuned knobs live in ``schedules/``)."""
+
+    block_size: int  # reduction rows (KV rows) per block: the plan's unit of work
+    num_threads: int = 128  # per CTA (GPU)
+    stages: int = 4  # cp.async pipeline depth, per warp (GPU)
+    max_batch: int = 1024  # sequences the device plan holds in shared memory (GPU)
+
+    @property
+    def num_warps(self) -> int:
+        return self.num_threads // 32
+
+
+def seq_len(ctx, b):
+    """Valid rows of sequence b, clamped to the cache (a length past it reads nothing extra)."""
+    return T.max(T.min(ctx.SL[b], ctx.LMAX), 0)
+
+
+def blocks_of(ctx, b, block_size):
+    return T.truncdiv(seq_len(ctx, b) + (block_size - 1), block_size)
+
+
+def plan_macros(cfg: StreamKConfig):
+    """Macros shared by both forms; ``ctx`` holds SL (lengths), B, H (tiles per sequence),
+    LMAX (rows in the cache), CUM (int32[B + 1]: first block of each sequence's tiles),
+    NW (workers), SPLITS (0 = stream-K), and ``srch``, a local int32[2] scratch."""
+
+    @T.macro
+    def worker_range(ctx, v, out):
+        """out[0:2] = [lo, hi) of worker v: stream-K shares, or chunk v % S of tile v // S."""
+        if ctx.SPLITS == 0:
+            total = T.meta_var(T.Cast("int64", ctx.CUM[ctx.B]))
+            out[0] = T.Cast("int32", T.truncdiv(T.Cast("int64", v) * total, ctx.NW))
+            out[1] = T.Cast("int32", T.truncdiv(T.Cast("int64", v + 1) * total, ctx.NW))
+        else:
+            t = T.meta_var(T.truncdiv(v, ctx.SPLITS))
+            j = T.meta_var(T.truncmod(v, ctx.SPLITS))
+            b = T.meta_var(T.truncdiv(t, ctx.H))
+            nb = T.meta_var(T.truncdiv(ctx.CUM[b + 1] - ctx.CUM[b], ctx.H))
+            start = T.meta_var(ctx.CUM[b] + T.truncmod(t, ctx.H) * nb)
+            out[0] = start + T.truncdiv(j * nb, ctx.SPLITS)
+            out[1] = start + T.truncdiv((j + 1) * nb, ctx.SPLITS)
+
+    @T.macro
+    def locate(ctx, cur):
+        """Fill cur[SEQ, HEAD, TSTART, TEND] for the block cur[BLK] (< total): a binary search
+        for the last sequence whose first block is <= cur[BLK]."""
+        ctx.srch[0] = 0
+        ctx.srch[1] = ctx.B
+        while ctx.srch[1] - ctx.srch[0] > 1:
+            mid = T.meta_var(T.truncdiv(ctx.srch[0] + ctx.srch[1], 2))
+            if ctx.CUM[mid] <= cur[BLK]:
+                ctx.srch[0] = mid
+            else:
+                ctx.srch[1] = mid
+        b = T.meta_var(ctx.srch[0])
+        nb = T.meta_var(T.truncdiv(ctx.CUM[b + 1] - ctx.CUM[b], ctx.H))
+        cur[SEQ] = b
+        cur[HEAD] = T.truncdiv(cur[BLK] - ctx.CUM[b], nb)
+        cur[TSTART] = ctx.CUM[b] + cur[HEAD] * nb
+        cur[TEND] = cur[TSTART] + nb
+
+    @T.macro
+    def start_walk(ctx, v, rng, cur):
+        """rng = [lo, hi, rot]: the walk is blocks [rot, hi) then [lo, rot), where rot skips
+        a first piece that is a reducer piece (so it is done last). cur starts at rot."""
+        worker_range(ctx, v, rng)
+        rng[2] = rng[0]
+        if rng[0] < rng[1]:
+            cur[BLK] = rng[0]
+            locate(ctx, cur)
+            if cur[TSTART] < rng[0] and cur[TEND] < rng[1]:
+                rng[2] = cur[TEND]
+                cur[BLK] = rng[2]
+                locate(ctx, cur)
+
+    @T.macro
+    def advance(ctx, rng, cur):
+        cur[BLK] = cur[BLK] + 1
+        if cur[BLK] == rng[1]:
+            cur[BLK] = rng[0]
+        if cur[BLK] < rng[1] and (cur[BLK] < cur[TSTART] or cur[BLK] >= cur[TEND]):
+            locate(ctx, cur)
+
+    @T.macro
+    def for_each_contributor(ctx, v, tile_start, rng2, op, bufs, wait):
+        """Merge into the reducer's state the partial of every worker c < v that feeds the tile
+        starting at tile_start, from v - 1 downwards (a fixed order: deterministic results).
+        With ``wait`` (GPU), thread 0 first acquires c's flag, then resets it for the next call."""
+        rng2[2] = v - 1
+        rng2[3] = 1
+        while rng2[2] >= 0 and rng2[3] == 1:
+            worker_range(ctx, rng2[2], rng2)
+            if rng2[1] <= tile_start:
+                rng2[3] = 0
+            else:
+                if rng2[0] < rng2[1]:
+                    if wait:
+                        if ctx.tx == 0:
+                            T.cuda.wait_until(ctx.seen, T.address_of(ctx.FLAGS[rng2[2]]),
+                                              lambda x: x == FLAG_SET, backoff_ns=20)
+                            ctx.FLAGS[rng2[2]] = NO_FLAG
+                        T.tvm_storage_sync("shared")
+                    op.merge_from(bufs, rng2[2])
+                rng2[2] = rng2[2] - 1
+
+    return dict(
+        worker_range=worker_range,
+        locate=locate,
+        start_walk=start_walk,
+        advance=advance,
+        for_each_contributor=for_each_contributor,
+    )
+
+
+def piece_ends_at(rng, cur):
+    """Is the block at cur[BLK] the last of its piece (its tile ends, or the range does)?"""
+    return T.Or(cur[BLK] + 1 == cur[TEND], cur[BLK] + 1 == rng[1])
+
+
+def row0_of(cur, block_size):
+    return (cur[BLK] - cur[TSTART]) * block_size
+
+
+def cpu_walk(cfg: StreamKConfig):
+    """The serial form: plan, then workers 0, 1, ... in order; a reducer never waits."""
+    pm = plan_macros(cfg)
+    bs = cfg.block_size
+
+    @T.macro
+    def plan_setup(ctx):
+        ctx.CUM[0] = 0
+        for b in range(ctx.B):
+            ctx.CUM[b + 1] = ctx.CUM[b] + blocks_of(ctx, b, bs) * ctx.H
+
+    @T.macro
+    def walk(ctx, op, bufs):
+        plan_setup(ctx)
+        for b in range(ctx.B):
+            if seq_len(ctx, b) == 0:
+                op.write_empty(bufs, b)
+        rng = T.alloc_buffer((3,), "int32")
+        rng2 = T.alloc_buffer((4,), "int32")
+        cur = T.alloc_buffer((5,), "int32")
+        pstart = T.alloc_buffer((1,), "int32")
+        for v in range(ctx.NW):
+            pm["start_walk"](ctx, v, rng, cur)
+            if rng[0] < rng[1]:
+                pstart[0] = cur[BLK]
+                op.begin_tile(bufs, cur[SEQ], cur[HEAD])
+                for i in range(rng[1] - rng[0]):
+                    op.step(bufs, cur[SEQ], cur[HEAD], row0_of(cur, bs), seq_len(ctx, cur[SEQ]))
+                    if piece_ends_at(rng, cur):
+                        if cur[BLK] + 1 < cur[TEND]:
+                            op.publish(bufs, v)
+                        else:
+                            if pstart[0] > cur[TSTART]:
+                                pm["for_each_contributor"](ctx, v, cur[TSTART], rng2, op, bufs, False)
+                            op.write_output(bufs, cur[SEQ], cur[HEAD])
+                        pm["advance"](ctx, rng, cur)
+                        pstart[0] = cur[BLK]
+                        if i + 1 < rng[1] - rng[0]:
+                            op.begin_tile(bufs, cur[SEQ], cur[HEAD])
+                    else:
+                        pm["advance"](ctx, rng, cur)
+
+    return walk
+
+
+def gpu_walk(cfg: StreamKConfig):
+    """The persistent GPU form: CTAs walk workers bx, bx + grid, ...; per warp a cp.async
+    pipeline ``stages`` deep runs over the whole range, across tile boundaries."""
+    pm = plan_macros(cfg)
+    bs, nt, stages, nwarps = cfg.block_size, cfg.num_threads, cfg.stages, cfg.num_warps
+    full_mask = T.uint32(0xFFFFFFFF)
+
+    @T.macro
+    def plan_setup(ctx):
+        """CUM by a parallel scan: a serial chunk per thread, warp shuffles, warp totals."""
+        chunk = T.meta_var(T.truncdiv(ctx.B + (nt - 1), nt))
+        scan = T.alloc_buffer((3,), "int32", scope="local")
+        scan[0] = 0
+        for j in range(chunk):
+            if ctx.tx * chunk + j < ctx.B:
+                scan[0] = scan[0] + blocks_of(ctx, ctx.tx * chunk + j, bs)
+        scan[1] = scan[0]
+        for o in T.unroll(5):
+            up = T.meta_var(T.tvm_warp_shuffle_up(full_mask, scan[1], 1 << o, 32, 32))
+            scan[2] = up
+            if ctx.lane >= (1 << o):
+                scan[1] = scan[1] + scan[2]
+        if ctx.lane == 31:
+            ctx.WSUM[ctx.warp] = scan[1]
+        T.tvm_storage_sync("shared")
+        for w in T.unroll(nwarps):
+            if w < ctx.warp:
+                scan[1] = scan[1] + ctx.WSUM[w]
+        scan[2] = scan[1] - scan[0]  # exclusive prefix of this thread's chunk
+        for j in range(chunk):
+            if ctx.tx * chunk + j < ctx.B:
+                ctx.CUM[ctx.tx * chunk + j] = scan[2] * ctx.H
+                scan[2] = scan[2] + blocks_of(ctx, ctx.tx * chunk + j, bs)
+        if ctx.tx == nt - 1:
+            ctx.CUM[ctx.B] = scan[1] * ctx.H
+        T.tvm_storage_sync("shared")
+
+    @T.macro
+    def load_step(ctx, op, bufs, stage, ld):
+        op.load(bufs, stage, ld[SEQ], ld[HEAD], row0_of(ld, bs), seq_len(ctx, ld[SEQ]))
+
+    @T.macro
+    def finish_piece(ctx, op, bufs, v, cur, pstart, rng2):
+        op.combine(bufs)
+        if cur[BLK] + 1 < cur[TEND]:
+            # Contributor: publish, make it visible GPU-wide, then release the flag.
+            op.publish(bufs, v)
+            T.cuda.thread_fence()
+            T.tvm_storage_sync("shared")
+            if ctx.tx == 0:
+                T.ptx.st.release.gpu.global_.s32(T.address_of(ctx.FLAGS[v]), FLAG_SET)
+        else:
+            if pstart[0] > cur[TSTART]:
+                pm["for_each_contributor"](ctx, v, cur[TSTART], rng2, op, bufs, True)
+            op.write_output(bufs, cur[SEQ], cur[HEAD])
+        T.tvm_storage_sync("shared")
+
+    @T.macro
+    def walk(ctx, op, bufs):
+        plan_setup(ctx)
+        for k in range(T.truncdiv(ctx.B - ctx.bx + ctx.grid - 1, ctx.grid)):
+            if seq_len(ctx, ctx.bx + k * ctx.grid) == 0:
+                op.write_empty(bufs, ctx.bx + k * ctx.grid)
+        rng = T.alloc_buffer((3,), "int32", scope="local")
+        rng2 = T.alloc_buffer((4,), "int32", scope="local")
+        cur = T.alloc_buffer((5,), "int32", scope="local")
+        ld = T.alloc_buffer((5,), "int32", scope="local")
+        pstart = T.alloc_buffer((1,), "int32", scope="local")
+        for k in range(T.truncdiv(ctx.NW - ctx.bx + ctx.grid - 1, ctx.grid)):
+            v = T.meta_var(ctx.bx + k * ctx.grid)
+            pm["start_walk"](ctx, v, rng, cur)
+            if rng[0] < rng[1]:
+                for j in T.unroll(5):
+                    ld[j] = cur[j]
+                for s in T.unroll(stages - 1):
+                    if s < rng[1] - rng[0]:
+                        load_step(ctx, op, bufs, s, ld)
+                        pm["advance"](ctx, rng, ld)
+                    T.ptx["cp.async.commit_group"]()
+                pstart[0] = cur[BLK]
+                op.begin_tile(bufs, cur[SEQ], cur[HEAD])
+                for i in range(rng[1] - rng[0]):
+                    if i + (stages - 1) < rng[1] - rng[0]:
+                        load_step(ctx, op, bufs, T.truncmod(i + (stages - 1), stages), ld)
+                        pm["advance"](ctx, rng, ld)
+                    T.ptx["cp.async.commit_group"]()
+                    T.ptx["cp.async.wait_group"](stages - 1)
+                    T.cuda.warp_sync()
+                    op.compute(bufs, T.truncmod(i, stages), cur[SEQ], cur[HEAD], row0_of(cur, bs),
+                               seq_len(ctx, cur[SEQ]))
+                    T.cuda.warp_sync()
+                    if piece_ends_at(rng, cur):
+                        finish_piece(ctx, op, bufs, v, cur, pstart, rng2)
+                        pm["advance"](ctx, rng, cur)
+                        pstart[0] = cur[BLK]
+                        if i + 1 < rng[1] - rng[0]:
+                            op.begin_tile(bufs, cur[SEQ], cur[HEAD])
+                    else:
+                        pm["advance"](ctx, rng, cur)
+
+    return walk
