@@ -80,10 +80,13 @@ class GpuKnobs:
         return StreamKConfig(block_size=self.block_size, num_threads=32 * self.num_warps,
                              stages=self.stages, max_batch=self.max_batch)
 
+    def ring_bytes(self, spec: AttentionSpec) -> int:
+        """Dynamic shared memory: K and V stages of every warp."""
+        return self.num_warps * self.stages * 2 * self.rows_per_warp * spec.head_dim * 2
+
     def smem_bytes(self, spec: AttentionSpec) -> int:
-        ring = self.num_warps * self.stages * 2 * self.rows_per_warp * spec.head_dim * 2
         merge = self.num_warps * spec.max_group * (spec.head_dim + 3) * 4 + 2 * spec.max_group * 4
-        return ring + merge + (self.max_batch + 1 + self.num_warps) * 4
+        return self.ring_bytes(spec) + merge + (self.max_batch + 1 + self.num_warps) * 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +205,7 @@ def make_cpu_kernel(spec: AttentionSpec, block_size: int = 64):
                                          CUM=cum, NW=num_workers, SPLITS=num_splits, srch=srch,
                                          FLAGS=FLAGS))
         bufs = T.meta_var(SimpleNamespace(Q=Q, K=K, V=V, O=O, LSE=LSE, WSO=WSO, WSML=WSML,
-                                          HQ=T.Cast("int32", HQ), G=T.Cast("int32", HQ) // nh,
+                                          HQ=T.Cast("int32", HQ), G=T.truncdiv(T.Cast("int32", HQ), nh),
                                           m=m, l=l_, acc=acc, s=s, tmp=tmp,
                                           scale_log2=softmax_scale * T.float32(LOG2E)))
         walk(ctx, op, bufs)
@@ -449,8 +452,11 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs()):
         FLAGS = T.match_buffer(flags, (WSN,), "int32")
         bx = T.launch_thread("blockIdx.x", grid)
         tx = T.launch_thread("threadIdx.x", NT)
-        ring = T.alloc_buffer((ring_elems,), dt, scope="shared.dyn")
-        accw = T.alloc_buffer((NWARP * GM * D,), "float32", scope="shared")
+        # One dynamic shared pool (16-bit words, one type for every kernel of the library): the
+        # K/V ring, then the warps' states for the merge (fp32).
+        ring = T.alloc_buffer((ring_elems + NWARP * GM * D * 2,), "uint16", scope="shared.dyn")
+        accw = T.decl_buffer((NWARP * GM * D,), "float32", data=ring.data, elem_offset=ring_elems // 2,
+                             scope="shared.dyn")
         mw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
         lw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
         fw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
@@ -482,7 +488,7 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs()):
             warp=warp, bx=bx, grid=grid))
         bufs = T.meta_var(SimpleNamespace(
             Q=Q, K=K, V=V, O=O, LSE=LSE, WSO=WSO, WSML=WSML, HQ=T.Cast("int32", HQ),
-            G=T.Cast("int32", HQ) // nh, RING=ring, ACCW=accw, MW=mw, LW=lw, FW=fw, MS=ms, LS=ls,
+            G=T.truncdiv(T.Cast("int32", HQ), nh), RING=ring, ACCW=accw, MW=mw, LW=lw, FW=fw, MS=ms, LS=ls,
             qh=qh, qw=qw, acc=acc, mrow=mrow, lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, red=red,
             eo=eo, em=em, el=el, tx=tx, lane=lane, warp=warp,
             scale_log2=softmax_scale * T.float32(LOG2E)))

@@ -60,13 +60,15 @@ def cuda_target(arch: str) -> tvm.target.Target:
     return tvm.target.Target(tvm.target.Target({"kind": "cuda", "arch": arch}), host="cuda_host")
 
 
-def cuda_source(func: tvm.tirx.PrimFunc, arch: str) -> str:
-    """CUDA C++ (kernel + host wrapper) of one scheduled PrimFunc, for nvcc."""
+def cuda_source_of_module(mod: tvm.IRModule, arch: str) -> str:
+    """One CUDA C++ translation unit (kernels + tvm-ffi host launchers) for nvcc."""
     from tvm.backend.cuda import export_cuda_host
 
-    ex = tvm.compile(tvm.IRModule({func.attrs["global_symbol"]: func}), target=cuda_target(arch),
-                     tir_pipeline=PIPELINE)
-    return export_cuda_host(ex.mod)
+    return export_cuda_host(tvm.compile(mod, target=cuda_target(arch), tir_pipeline=PIPELINE).mod)
+
+
+def cuda_source(func: tvm.tirx.PrimFunc, arch: str) -> str:
+    return cuda_source_of_module(tvm.IRModule({func.attrs["global_symbol"]: func}), arch)
 
 
 def cpu_function(func: tvm.tirx.PrimFunc):

@@ -1,0 +1,226 @@
+"""Build the operator library for a GPU arch (or the CPU) on a machine that needs no GPU.
+
+TensorIR (``attention.py``) -> stream-K schedule -> CUDA C++ with tvm-ffi launchers
+(``cuda_host``) -> nvcc -> ``lean_tvm_<arch>.so`` + ``manifest.json``. The library needs only
+``libtvm_ffi`` at run time (no TVM): the GPU machines and serving boxes carry torch and tvm-ffi.
+``--arch cpu`` builds the ``llvm`` form the same way (no nvcc needed).
+
+    python -m lean_tvm.build --arch sm_90a --out build/sm_90a
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from .attention import DTYPES, HEAD_DIMS, MAX_GROUPS, AttentionSpec
+from .schedule_records import knobs_for, load_records
+
+SUPPORTED_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")  # mma bf16, cp.async, movmatrix
+LIBRARY = "lean_tvm_{arch}.so"
+MANIFEST = "manifest.json"
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def _log(msg: str) -> None:
+    print(f"[lean_tvm.build] {msg}", flush=True)
+
+
+def find_nvcc() -> str:
+    nvcc = shutil.which("nvcc") or (
+        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if "CUDA_HOME" in os.environ else None
+    )
+    if not nvcc or not os.path.exists(nvcc):
+        raise BuildError("nvcc not found: install the CUDA toolkit (12.4 or newer) or set CUDA_HOME, "
+                         "or build the CPU form with --arch cpu")
+    return nvcc
+
+
+def nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release ([\d.]+)", out)
+    return m.group(1) if m else "unknown"
+
+
+def tvm_ffi_link_flags() -> list[str]:
+    import tvm_ffi.libinfo as li
+
+    return ["-I" + li.find_include_path(), "-I" + li.find_dlpack_include_path(),
+            "-L" + os.path.dirname(li.find_libtvm_ffi()), "-ltvm_ffi"]
+
+
+def gencode(arch: str) -> list[str]:
+    # The -gencode form: the -arch shorthand also runs a plain pass that rejects sm_90a-only code.
+    num = arch.removeprefix("sm_")
+    return [f"-gencode=arch=compute_{num},code=sm_{num}"]
+
+
+def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
+    """ptxas --resource-usage lines -> {kernel: {registers, spill_bytes, stack_bytes, smem_bytes}}."""
+    usage, current = {}, None
+    for line in text.splitlines():
+        m = re.search(r"Function properties for (\S+)", line) or re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            current = m.group(1)
+            usage.setdefault(current, {})
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current:
+            usage[current].update(stack_bytes=int(m.group(1)), spill_bytes=int(m.group(2)) + int(m.group(3)))
+        m = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line)
+        if m and current:
+            usage[current].update(registers=int(m.group(1)), smem_bytes=int(m.group(2)))
+    return {k.removesuffix("_kernel"): v for k, v in usage.items() if "registers" in v}
+
+
+def attention_specs(dtypes: Sequence[str], head_dims: Sequence[int], max_groups: Sequence[int]):
+    """Every combination, except G up to 16 at D = 256 (its registers would spill)."""
+    return [AttentionSpec(dt, d, g) for dt in dtypes for d in head_dims for g in max_groups
+            if not (d == 256 and g == 16)]
+
+
+def default_specs():
+    return attention_specs(DTYPES, HEAD_DIMS, MAX_GROUPS)
+
+
+def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_path: str | None = None,
+               keep_source: bool = True) -> dict:
+    """Generate, compile and describe one library for ``arch``; returns the manifest."""
+    import tvm
+
+    from . import stream_read
+    from .attention import make_gpu_kernel
+    from .codegen import cuda_source_of_module
+
+    if arch not in SUPPORTED_ARCHS:
+        raise BuildError(f"--arch: expected one of {SUPPORTED_ARCHS}, got {arch!r} "
+                         "(the kernel needs cp.async, movmatrix and bf16 mma: sm_80 or newer)")
+    nvcc = find_nvcc()
+    os.makedirs(out_dir, exist_ok=True)
+    records = load_records(arch, records_path)
+    kernels, funcs = [], {}
+    t0 = time.time()
+    for i, spec in enumerate(specs):
+        knobs = knobs_for(records, spec, arch)
+        _log(f"[{i + 1}/{len(specs)}] TensorIR -> schedule: {spec.name} {knobs}")
+        funcs[spec.name] = make_gpu_kernel(spec, knobs)
+        kernels.append({"name": spec.name, "op": "decode_attention", "dtype": spec.dtype,
+                        "head_dim": spec.head_dim, "max_group": spec.max_group,
+                        "knobs": dataclasses.asdict(knobs), "block_size": knobs.block_size,
+                        "dynamic_smem_bytes": knobs.ring_bytes(spec)})
+    funcs[stream_read.NAME] = stream_read.make_stream_read()
+    kernels.append({"name": stream_read.NAME, "op": "stream_read"})
+    _log(f"TIR -> CUDA C++ ({len(funcs)} kernels, {arch})")
+    src = cuda_source_of_module(tvm.IRModule(funcs), arch)
+    cu = os.path.join(out_dir, f"lean_tvm_{arch}.cu")
+    with open(cu, "w") as f:
+        f.write(src)
+    lib = os.path.join(out_dir, LIBRARY.format(arch=arch))
+    cmd = [nvcc, "-O3", "-std=c++17", *gencode(arch), "-shared", "-Xcompiler", "-fPIC",
+           "--resource-usage", "-diag-suppress=174,177,550,1046", cu, "-o", lib, *tvm_ffi_link_flags()]
+    _log(f"nvcc {arch}: compiling {os.path.basename(cu)} ({len(src) // 1024} KiB of CUDA)")
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BuildError(f"nvcc failed for {arch}:\n{res.stderr[-4000:]}")
+    usage = parse_resource_usage(res.stdout + res.stderr)
+    for k in kernels:
+        k["resources"] = usage.get(k["name"], {})
+    spills = {k["name"]: k["resources"].get("spill_bytes") for k in kernels if k["resources"].get("spill_bytes")}
+    if spills:
+        _log(f"WARNING: register spills {spills}")
+    if not keep_source:
+        os.remove(cu)
+    manifest = {
+        "arch": arch,
+        "library": os.path.basename(lib),
+        "kernels": kernels,
+        "tvm_version": tvm.__version__,
+        "tvm_ffi_version": _tvm_ffi_version(),
+        "nvcc_version": nvcc_version(nvcc),
+        "source_sha256": hashlib.sha256(src.encode()).hexdigest(),
+        "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    with open(os.path.join(out_dir, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+    _log(f"wrote {lib} ({os.path.getsize(lib) // 1024} KiB) and {MANIFEST} in {time.time() - t0:.0f} s")
+    return manifest
+
+
+def build_cpu(out_dir: str, specs: Sequence[AttentionSpec], block_size: int = 64) -> dict:
+    """The ``llvm`` form: the package's fallback when there is no GPU, loadable by tvm-ffi."""
+    import tvm
+
+    from .attention import make_cpu_kernel
+
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.time()
+    funcs, kernels = {}, []
+    seen = set()
+    for spec in specs:
+        if (spec.dtype, spec.head_dim, spec.max_group) in seen:
+            continue
+        seen.add((spec.dtype, spec.head_dim, spec.max_group))
+        f = make_cpu_kernel(spec, block_size)
+        funcs[f.attrs["global_symbol"]] = f
+        kernels.append({"name": f.attrs["global_symbol"], "op": "decode_attention", "dtype": spec.dtype,
+                        "head_dim": spec.head_dim, "max_group": spec.max_group, "block_size": block_size})
+    _log(f"TIR -> llvm ({len(funcs)} kernels)")
+    ex = tvm.compile(tvm.IRModule(funcs), target="llvm")
+    lib = os.path.join(out_dir, LIBRARY.format(arch="cpu"))
+    ex.export_library(lib)
+    manifest = {"arch": "cpu", "library": os.path.basename(lib), "kernels": kernels,
+                "tvm_version": tvm.__version__, "tvm_ffi_version": _tvm_ffi_version(),
+                "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with open(os.path.join(out_dir, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+    _log(f"wrote {lib} and {MANIFEST} in {time.time() - t0:.0f} s")
+    return manifest
+
+
+def _tvm_ffi_version() -> str:
+    from importlib.metadata import version
+
+    return version("apache-tvm-ffi")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lean_tvm.build", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="sm_90a", help=f"one of {SUPPORTED_ARCHS} or 'cpu' (default sm_90a)")
+    ap.add_argument("--out", default=None, help="output directory (default build/<arch>)")
+    ap.add_argument("--dtypes", default=",".join(DTYPES))
+    ap.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)))
+    ap.add_argument("--max-groups", default=",".join(map(str, MAX_GROUPS)),
+                    help="kernels per GQA bound: 8 serves Hq/Hkv <= 8, 16 serves up to 16")
+    ap.add_argument("--records", default=None, help="schedule records JSON (default schedules/<arch>.json)")
+    args = ap.parse_args(argv)
+    try:
+        specs = attention_specs(args.dtypes.split(","), [int(x) for x in args.head_dims.split(",")],
+                                [int(x) for x in args.max_groups.split(",")])
+    except ValueError as e:
+        ap.error(str(e))
+    out = args.out or os.path.join("build", args.arch)
+    try:
+        if args.arch == "cpu":
+            build_cpu(out, specs)
+        else:
+            build_cuda(args.arch, out, specs, args.records)
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""Find, load and launch the built operator library: the run half, which needs no TVM.
+
+Imports only tvm-ffi, torch and numpy, so it works on a serving box (or the GPU machine) that
+has no apache-tvm. A library is a directory holding ``lean_tvm_<arch>.so`` and
+``manifest.json`` (``python -m lean_tvm.build``); it is looked up, in order, in
+``$LEAN_TVM_LIB_DIR``, the package's ``_lib/<arch>``, and the cache ``$LEAN_TVM_CACHE/<arch>``
+(default ``~/.cache/lean_tvm/<arch>``), where a missing one is built once when nvcc (GPU) or
+apache-tvm (CPU) is there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+STREAM_K = 0
+LIBRARY = "lean_tvm_{arch}.so"
+MANIFEST = "manifest.json"
+
+
+class LibraryNotFound(RuntimeError):
+    pass
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LEAN_TVM_CACHE", Path.home() / ".cache" / "lean_tvm"))
+
+
+def device_arch(device: torch.device) -> str:
+    """``sm_90a`` for Hopper (the wgmma/setmaxnreg target), ``sm_XY`` otherwise; ``cpu``."""
+    if device.type != "cuda":
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
+
+
+def search_dirs(arch: str) -> list[Path]:
+    dirs = []
+    if "LEAN_TVM_LIB_DIR" in os.environ:
+        dirs.append(Path(os.environ["LEAN_TVM_LIB_DIR"]))
+    dirs += [Path(__file__).resolve().parent / "_lib" / arch, cache_root() / arch]
+    return dirs
+
+
+def find_library_dir(arch: str) -> Path | None:
+    for d in search_dirs(arch):
+        if (d / MANIFEST).exists() and (d / LIBRARY.format(arch=arch)).exists():
+            return d
+    return None
+
+
+def _build_into_cache(arch: str) -> Path:
+    """Build once into the cache when the tools are here; else say how to build."""
+    import shutil
+
+    target = cache_root() / arch
+    how = f"python -m lean_tvm.build --arch {arch} --out {target}"
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        raise LibraryNotFound(
+            f"no lean_tvm library for {arch} in {[str(d) for d in search_dirs(arch)]}; build it on a "
+            f"machine with apache-tvm{' and nvcc' if arch != 'cpu' else ''}: `{how}` (or set LEAN_TVM_LIB_DIR)"
+        ) from None
+    if arch != "cpu" and not shutil.which("nvcc"):
+        raise LibraryNotFound(f"no lean_tvm library for {arch} and no nvcc to build it: `{how}` on a "
+                              "machine with the CUDA toolkit, then set LEAN_TVM_LIB_DIR")
+    from . import build
+
+    print(f"[lean_tvm] building the operator library for {arch} into {target} (once)", flush=True)
+    if arch == "cpu":
+        build.build_cpu(str(target), build.default_specs())
+    else:
+        build.build_cuda(arch, str(target), build.default_specs())
+    return target
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelInfo:
+    name: str
+    dtype: str
+    head_dim: int
+    max_group: int
+    block_size: int
+    ctas_per_sm: int
+
+
+class Library:
+    """One loaded ``.so`` and its manifest."""
+
+    def __init__(self, directory: Path):
+        with open(directory / MANIFEST) as f:
+            self.manifest = json.load(f)
+        import tvm_ffi
+
+        self.path = (directory / self.manifest["library"]).resolve()
+        self.module = tvm_ffi.load_module(str(self.path))
+        self.kernels = [
+            KernelInfo(k["name"], k["dtype"], k["head_dim"], k["max_group"], k["block_size"],
+                       k.get("knobs", {}).get("ctas_per_sm", 1))
+            for k in self.manifest["kernels"] if k["op"] == "decode_attention"
+        ]
+        self._functions = {}
+
+    def attention_kernel(self, dtype: str, head_dim: int, group: int) -> KernelInfo | None:
+        fits = [k for k in self.kernels if k.dtype == dtype and k.head_dim == head_dim and k.max_group >= group]
+        return min(fits, key=lambda k: k.max_group) if fits else None
+
+    def function(self, name: str):
+        if name not in self._functions:
+            self._functions[name] = self.module[name]
+        return self._functions[name]
+
+    def supported(self) -> str:
+        return ", ".join(sorted({f"{k.dtype}/D{k.head_dim}/G<={k.max_group}" for k in self.kernels}))
+
+
+_LIBRARIES: dict[str, Library] = {}
+_LOCK = threading.Lock()
+
+
+def library_for(device: torch.device) -> Library:
+    arch = device_arch(device)
+    with _LOCK:
+        if arch not in _LIBRARIES:
+            d = find_library_dir(arch) or _build_into_cache(arch)
+            _LIBRARIES[arch] = Library(d)
+        return _LIBRARIES[arch]
+
+
+class Workspace:
+    """Partials and flags of the cross-block reduction, from torch's allocator, reused per
+    (device, stream). Flags start at zero and every launch leaves them at zero (each reducer
+    resets what it consumed), so replaying a captured CUDA graph needs no memset."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, device: torch.device, workers: int, max_group: int, head_dim: int):
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        key = (str(device), stream, max_group, head_dim)
+        bufs = self._buffers.get(key)
+        if bufs is None or bufs[2].shape[0] < workers:
+            n = max(workers, 1)
+            bufs = (torch.empty(n, max_group, head_dim, device=device, dtype=torch.float32),
+                    torch.empty(n, 2, max_group, device=device, dtype=torch.float32),
+                    torch.zeros(n, device=device, dtype=torch.int32))
+            self._buffers[key] = bufs
+        return bufs
+
+
+WORKSPACE = Workspace()
+
+
+def num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def launch_attention(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: float,
+                     num_splits: int = STREAM_K, num_ctas: int | None = None) -> None:
+    """Run the kernel on already-validated tensors (q [B, Hq, D], caches [B, Hkv, L, D] views).
+
+    ``num_splits == 0``: stream-K over ``num_ctas`` (default: every SM x CTAs per SM);
+    ``num_splits = S``: fixed split into S chunks per tile (1 = no split).
+    """
+    device = q.device
+    lib = library_for(device)
+    batch, hq, head_dim = q.shape
+    group = hq // k_cache.shape[1]
+    info = lib.attention_kernel(str(q.dtype).removeprefix("torch."), head_dim, group)
+    resident = num_sms(device) * info.ctas_per_sm
+    if num_splits == STREAM_K:
+        workers = num_ctas or resident
+        grid = workers
+    else:
+        workers = batch * k_cache.shape[1] * num_splits
+        grid = min(workers, num_ctas or resident)
+    if device.type == "cuda" and grid > resident:
+        raise ValueError(f"num_ctas: at most {resident} CTAs can be resident on this GPU "
+                         f"(the reducers wait on each other), got {grid}")
+    ws_o, ws_ml, flags = WORKSPACE.get(device, workers, info.max_group, head_dim)
+    lib.function(info.name)(q, k_cache, v_cache, seq_lens, out, lse, ws_o, ws_ml, flags,
+                            float(softmax_scale), workers, num_splits, max(grid, 1))
