@@ -139,14 +139,22 @@ def _cpu_operator(spec: AttentionSpec, block_size: int):
                 bufs.WSO[slot, g, d] = bufs.acc[g * D + d]
 
     @T.macro
-    def merge_from(bufs, slot):
+    def merge_partials(bufs, base, n, valid):
         for g in range(bufs.G):
-            bufs.tmp[0] = T.max(bufs.m[g], bufs.WSML[slot, 0, g])
+            bufs.tmp[0] = bufs.m[g]
+            for i in range(n):
+                if valid[i] != 0:
+                    bufs.tmp[0] = T.max(bufs.tmp[0], bufs.WSML[base + i, 0, g])
             bufs.tmp[1] = T.exp2(bufs.m[g] - bufs.tmp[0])
-            bufs.tmp[2] = T.exp2(bufs.WSML[slot, 0, g] - bufs.tmp[0])
-            bufs.l[g] = bufs.l[g] * bufs.tmp[1] + bufs.WSML[slot, 1, g] * bufs.tmp[2]
+            bufs.l[g] = bufs.l[g] * bufs.tmp[1]
             for d in range(D):
-                bufs.acc[g * D + d] = bufs.acc[g * D + d] * bufs.tmp[1] + bufs.WSO[slot, g, d] * bufs.tmp[2]
+                bufs.acc[g * D + d] = bufs.acc[g * D + d] * bufs.tmp[1]
+            for i in range(n):
+                if valid[i] != 0:
+                    bufs.tmp[2] = T.exp2(bufs.WSML[base + i, 0, g] - bufs.tmp[0])
+                    bufs.l[g] = bufs.l[g] + bufs.WSML[base + i, 1, g] * bufs.tmp[2]
+                    for d in range(D):
+                        bufs.acc[g * D + d] = bufs.acc[g * D + d] + bufs.WSO[base + i, g, d] * bufs.tmp[2]
             bufs.m[g] = bufs.tmp[0]
 
     @T.macro
@@ -163,7 +171,7 @@ def _cpu_operator(spec: AttentionSpec, block_size: int):
             for d in range(D):
                 bufs.O[b, hq, d] = T.Cast(dt, T.float32(0))
 
-    return SimpleNamespace(begin_tile=begin_tile, step=step, publish=publish, merge_from=merge_from,
+    return SimpleNamespace(begin_tile=begin_tile, step=step, publish=publish, merge_partials=merge_partials,
                            write_output=write_output, write_empty=write_empty)
 
 
@@ -226,7 +234,8 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
     NN = GM // 8  # 8-wide head tiles
     CH = D // 8  # 16-byte chunks per row
     CPL = RW * CH // 32  # chunks per lane per matrix
-    E = (GM * D + NT - 1) // NT  # CTA-state elements per thread
+    E = (GM * D + 4 * NT - 1) // (4 * NT)  # CTA-state quads (4 consecutive d of a head) per thread
+    CU = 4  # partials merged per unrolled step: their loads are in flight together
     mma = MMA[dt]
     full = T.uint32(0xFFFFFFFF)
     ninf = T.float32(NEG_INF)
@@ -368,45 +377,68 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
             bufs.LS[tx] = bufs.red[1]
         T.tvm_storage_sync("shared")
         for e in T.unroll(E):
-            idx = T.meta_var(e * NT + tx)
-            if idx < bufs.G * D:
-                bufs.eo[e] = T.float32(0)
+            x = T.meta_var((e * NT + tx) * 4)  # first element (head x // D, d x % D) of the quad
+            if x < bufs.G * D:
+                for j in T.unroll(4):
+                    bufs.eo[e * 4 + j] = T.float32(0)
                 for w in T.unroll(NWARP):
-                    bufs.eo[e] = bufs.eo[e] + bufs.ACCW[w * bufs.G * D + idx] * bufs.FW[w * bufs.G + T.truncdiv(idx, D)]
-                bufs.em[e] = bufs.MS[T.truncdiv(idx, D)]
-                bufs.el[e] = bufs.LS[T.truncdiv(idx, D)]
+                    for j in T.unroll(4):
+                        bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] + bufs.ACCW[w * bufs.G * D + x + j] * bufs.FW[
+                            w * bufs.G + T.truncdiv(x, D)]
+                bufs.em[e] = bufs.MS[T.truncdiv(x, D)]
+                bufs.el[e] = bufs.LS[T.truncdiv(x, D)]
 
     @T.macro
     def publish(bufs, slot):
         for e in T.unroll(E):
-            idx = T.meta_var(e * NT + bufs.tx)
-            if idx < bufs.G * D:
-                bufs.WSO[slot, T.truncdiv(idx, D), T.truncmod(idx, D)] = bufs.eo[e]
-                if T.truncmod(idx, D) == 0:
-                    bufs.WSML[slot, 0, T.truncdiv(idx, D)] = bufs.em[e]
-                    bufs.WSML[slot, 1, T.truncdiv(idx, D)] = bufs.el[e]
+            x = T.meta_var((e * NT + bufs.tx) * 4)
+            if x < bufs.G * D:
+                for j in T.vectorized(4):
+                    bufs.WSO[slot, T.truncdiv(x, D), T.truncmod(x, D) + j] = bufs.eo[e * 4 + j]
+                if T.truncmod(x, D) == 0:
+                    bufs.WSML[slot, 0, T.truncdiv(x, D)] = bufs.em[e]
+                    bufs.WSML[slot, 1, T.truncdiv(x, D)] = bufs.el[e]
 
     @T.macro
-    def merge_from(bufs, slot):
+    def merge_partials(bufs, base, n, valid):
+        """Two passes over the partials (the new max, then the rescaled sums), CU at a time so
+        their loads overlap: a few L2 round trips however many CTAs shared the tile."""
         for e in T.unroll(E):
-            idx = T.meta_var(e * NT + bufs.tx)
-            if idx < bufs.G * D:
-                mc = T.meta_var(bufs.WSML[slot, 0, T.truncdiv(idx, D)])
-                bufs.red[0] = T.max(bufs.em[e], mc)
+            x = T.meta_var((e * NT + bufs.tx) * 4)
+            hh = T.meta_var(T.truncdiv(x, D))
+            if x < bufs.G * D:
+                bufs.red[0] = bufs.em[e]
+                for i0 in range(T.truncdiv(n + CU - 1, CU)):
+                    for u in T.unroll(CU):
+                        if i0 * CU + u < n:
+                            if valid[i0 * CU + u] != 0:
+                                bufs.red[0] = T.max(bufs.red[0], bufs.WSML[base + i0 * CU + u, 0, hh])
                 bufs.red[1] = T.exp2(bufs.em[e] - bufs.red[0])
-                bufs.red[2] = T.exp2(mc - bufs.red[0])
-                bufs.eo[e] = bufs.eo[e] * bufs.red[1] + bufs.WSO[slot, T.truncdiv(idx, D), T.truncmod(idx, D)] * bufs.red[2]
-                bufs.el[e] = bufs.el[e] * bufs.red[1] + bufs.WSML[slot, 1, T.truncdiv(idx, D)] * bufs.red[2]
+                bufs.el[e] = bufs.el[e] * bufs.red[1]
+                for j in T.unroll(4):
+                    bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] * bufs.red[1]
+                for i0 in range(T.truncdiv(n + CU - 1, CU)):
+                    for u in T.unroll(CU):
+                        if i0 * CU + u < n:
+                            if valid[i0 * CU + u] != 0:
+                                for j in T.vectorized(4):
+                                    bufs.w4[u * 4 + j] = bufs.WSO[base + i0 * CU + u, hh, T.truncmod(x, D) + j]
+                                bufs.f4[u] = T.exp2(bufs.WSML[base + i0 * CU + u, 0, hh] - bufs.red[0])
+                                bufs.el[e] = bufs.el[e] + bufs.WSML[base + i0 * CU + u, 1, hh] * bufs.f4[u]
+                                for j in T.unroll(4):
+                                    bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] + bufs.w4[u * 4 + j] * bufs.f4[u]
                 bufs.em[e] = bufs.red[0]
 
     @T.macro
     def write_output(bufs, b, h):
         for e in T.unroll(E):
-            idx = T.meta_var(e * NT + bufs.tx)
-            if idx < bufs.G * D:
-                bufs.O[b, h * bufs.G + T.truncdiv(idx, D), T.truncmod(idx, D)] = T.Cast(dt, bufs.eo[e] / bufs.el[e])
-                if T.truncmod(idx, D) == 0:
-                    bufs.LSE[b, h * bufs.G + T.truncdiv(idx, D)] = (bufs.em[e] + T.log2(bufs.el[e])) * T.float32(LN2)
+            x = T.meta_var((e * NT + bufs.tx) * 4)
+            if x < bufs.G * D:
+                for j in T.unroll(4):
+                    bufs.O[b, h * bufs.G + T.truncdiv(x, D), T.truncmod(x, D) + j] = T.Cast(
+                        dt, bufs.eo[e * 4 + j] / bufs.el[e])
+                if T.truncmod(x, D) == 0:
+                    bufs.LSE[b, h * bufs.G + T.truncdiv(x, D)] = (bufs.em[e] + T.log2(bufs.el[e])) * T.float32(LN2)
 
     @T.macro
     def write_empty(bufs, b):
@@ -417,8 +449,8 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                     bufs.LSE[b, T.truncdiv(k * NT + bufs.tx, D)] = ninf
 
     return SimpleNamespace(begin_tile=begin_tile, load=load, compute=compute, combine=combine,
-                           publish=publish, merge_from=merge_from, write_output=write_output,
-                           write_empty=write_empty, sizes=dict(KS=KS, NM=NM, NN=NN, E=E))
+                           publish=publish, merge_partials=merge_partials, write_output=write_output,
+                           write_empty=write_empty, sizes=dict(KS=KS, NM=NM, NN=NN, E=E, CU=CU))
 
 
 def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs()):
@@ -427,7 +459,7 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs()):
     cfg = knobs.streamk_config()
     RW, NWARP, S, NT = knobs.rows_per_warp, knobs.num_warps, knobs.stages, cfg.num_threads
     op = _gpu_operator(spec, knobs)
-    KS, NM, NN, E = (op.sizes[k] for k in ("KS", "NM", "NN", "E"))
+    KS, NM, NN, E, CU = (op.sizes[k] for k in ("KS", "NM", "NN", "E", "CU"))
     walk = streamk.gpu_walk(cfg)
     one, two, d64, g64 = (tvm.tirx.const(x, "int64") for x in (1, 2, D, GM))
     ring_elems = NWARP * S * 2 * RW * D
@@ -477,20 +509,23 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs()):
         pb = T.alloc_buffer((NM * NN * 2,), "uint32", scope="local")
         af = T.alloc_buffer((4,), "uint32", scope="local")
         red = T.alloc_buffer((3,), "float32", scope="local")
-        eo = T.alloc_buffer((E,), "float32", scope="local")
+        eo = T.alloc_buffer((E * 4,), "float32", scope="local")
+        w4 = T.alloc_buffer((CU * 4,), "float32", scope="local")
+        f4 = T.alloc_buffer((CU,), "float32", scope="local")
+        valid = T.alloc_buffer((streamk.MAX_CONTRIBUTORS,), "int32", scope="shared")
         em = T.alloc_buffer((E,), "float32", scope="local")
         el = T.alloc_buffer((E,), "float32", scope="local")
         nh = T.meta_var(T.Cast("int32", HKV))
         lane, warp = T.meta_var(T.truncmod(tx, 32)), T.meta_var(T.truncdiv(tx, 32))
         ctx = T.meta_var(SimpleNamespace(
             SL=SL, B=T.Cast("int32", B), H=nh, LMAX=T.Cast("int32", LMAX), CUM=cum, NW=num_workers,
-            SPLITS=num_splits, srch=srch, FLAGS=FLAGS, seen=seen, WSUM=wsum, tx=tx, lane=lane,
+            SPLITS=num_splits, srch=srch, FLAGS=FLAGS, seen=seen, WSUM=wsum, VALID=valid, tx=tx, lane=lane,
             warp=warp, bx=bx, grid=grid))
         bufs = T.meta_var(SimpleNamespace(
             Q=Q, K=K, V=V, O=O, LSE=LSE, WSO=WSO, WSML=WSML, HQ=T.Cast("int32", HQ),
             G=T.truncdiv(T.Cast("int32", HQ), nh), RING=ring, ACCW=accw, MW=mw, LW=lw, FW=fw, MS=ms, LS=ls,
             qh=qh, qw=qw, acc=acc, mrow=mrow, lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, red=red,
-            eo=eo, em=em, el=el, tx=tx, lane=lane, warp=warp,
+            eo=eo, em=em, el=el, w4=w4, f4=f4, tx=tx, lane=lane, warp=warp,
             scale_log2=softmax_scale * T.float32(LOG2E)))
         walk(ctx, op, bufs)
 

@@ -19,7 +19,8 @@ order rule makes worker ``v`` depend only on workers below ``v``.
 
 Operator interface (``op`` below; every macro takes the operator's buffer namespace first):
 ``begin_tile(bufs, b, h)``, ``write_empty(bufs, b)``, ``publish(bufs, slot)``,
-``merge_from(bufs, slot)``, ``write_output(bufs, b, h)``; CPU: ``step(bufs, b, h, row0, n)``;
+``merge_partials(bufs, base, n, valid)`` (fold slots base + i with valid[i] != 0, i < n, in
+increasing i), ``write_output(bufs, b, h)``; CPU: ``step(bufs, b, h, row0, n)``;
 GPU: ``load(bufs, stage, b, h, row0, n)``, ``compute(bufs, stage, b, h, row0, n)``,
 ``combine(bufs)`` (warp states -> the CTA's state). ``row0`` is the block's first row, ``n``
 the tile's valid length.
@@ -34,6 +35,7 @@ from tvm.script import tirx as T
 # Cursor layout (a local int32[5]): the block and the tile that holds it.
 BLK, SEQ, HEAD, TSTART, TEND = range(5)
 NO_FLAG, FLAG_SET = 0, 1
+MAX_CONTRIBUTORS = 256  # partials a reducer merges per round (more take several rounds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,13 +74,14 @@ def plan_macros(cfg: StreamKConfig):
             out[0] = T.Cast("int32", T.truncdiv(T.Cast("int64", v) * total, ctx.NW))
             out[1] = T.Cast("int32", T.truncdiv(T.Cast("int64", v + 1) * total, ctx.NW))
         else:
-            t = T.meta_var(T.truncdiv(v, ctx.SPLITS))
-            j = T.meta_var(T.truncmod(v, ctx.SPLITS))
+            splits = T.meta_var(T.max(ctx.SPLITS, 1))  # the branches may become a select
+            t = T.meta_var(T.truncdiv(v, splits))
+            j = T.meta_var(T.truncmod(v, splits))
             b = T.meta_var(T.truncdiv(t, ctx.H))
             nb = T.meta_var(T.truncdiv(ctx.CUM[b + 1] - ctx.CUM[b], ctx.H))
             start = T.meta_var(ctx.CUM[b] + T.truncmod(t, ctx.H) * nb)
-            out[0] = start + T.truncdiv(j * nb, ctx.SPLITS)
-            out[1] = start + T.truncdiv((j + 1) * nb, ctx.SPLITS)
+            out[0] = start + T.truncdiv(j * nb, splits)
+            out[1] = start + T.truncdiv((j + 1) * nb, splits)
 
     @T.macro
     def locate(ctx, cur):
@@ -122,33 +125,22 @@ def plan_macros(cfg: StreamKConfig):
             locate(ctx, cur)
 
     @T.macro
-    def for_each_contributor(ctx, v, tile_start, rng2, op, bufs, wait):
-        """Merge into the reducer's state the partial of every worker c < v that feeds the tile
-        starting at tile_start, from v - 1 downwards (a fixed order: deterministic results).
-        With ``wait`` (GPU), thread 0 first acquires c's flag, then resets it for the next call."""
-        rng2[2] = v - 1
-        rng2[3] = 1
-        while rng2[2] >= 0 and rng2[3] == 1:
-            worker_range(ctx, rng2[2], rng2)
-            if rng2[1] <= tile_start:
-                rng2[3] = 0
-            else:
-                if rng2[0] < rng2[1]:
-                    if wait:
-                        if ctx.tx == 0:
-                            T.cuda.wait_until(ctx.seen, T.address_of(ctx.FLAGS[rng2[2]]),
-                                              lambda x: x == FLAG_SET, backoff_ns=20)
-                            ctx.FLAGS[rng2[2]] = NO_FLAG
-                        T.tvm_storage_sync("shared")
-                    op.merge_from(bufs, rng2[2])
-                rng2[2] = rng2[2] - 1
+    def first_contributor(ctx, v, tile_start, out, at):
+        """out[at] = the lowest worker that can feed the tile starting at tile_start (reduced by
+        v): its owner for stream-K, chunk 0 of the tile for a fixed split. The contributors are
+        the non-empty workers of [out[at], v)."""
+        if ctx.SPLITS == 0:
+            total = T.meta_var(T.Cast("int64", ctx.CUM[ctx.B]))
+            out[at] = T.Cast("int32", T.truncdiv((T.Cast("int64", tile_start) + 1) * ctx.NW - 1, total))
+        else:
+            out[at] = v - T.truncmod(v, T.max(ctx.SPLITS, 1))
 
     return dict(
         worker_range=worker_range,
         locate=locate,
         start_walk=start_walk,
         advance=advance,
-        for_each_contributor=for_each_contributor,
+        first_contributor=first_contributor,
     )
 
 
@@ -173,6 +165,17 @@ def cpu_walk(cfg: StreamKConfig):
             ctx.CUM[b + 1] = ctx.CUM[b] + blocks_of(ctx, b, bs) * ctx.H
 
     @T.macro
+    def reduce(ctx, op, bufs, v, tile_start, rng2, valid):
+        pm["first_contributor"](ctx, v, tile_start, rng2, 2)
+        for k in range(T.truncdiv(v - rng2[2] + (MAX_CONTRIBUTORS - 1), MAX_CONTRIBUTORS)):
+            base = T.meta_var(rng2[2] + k * MAX_CONTRIBUTORS)
+            n = T.meta_var(T.min(MAX_CONTRIBUTORS, v - base))
+            for i in range(n):
+                pm["worker_range"](ctx, base + i, rng2)
+                valid[i] = T.if_then_else(rng2[0] < rng2[1], 1, 0)
+            op.merge_partials(bufs, base, n, valid)
+
+    @T.macro
     def walk(ctx, op, bufs):
         plan_setup(ctx)
         for b in range(ctx.B):
@@ -180,6 +183,7 @@ def cpu_walk(cfg: StreamKConfig):
                 op.write_empty(bufs, b)
         rng = T.alloc_buffer((3,), "int32")
         rng2 = T.alloc_buffer((4,), "int32")
+        valid = T.alloc_buffer((MAX_CONTRIBUTORS,), "int32")
         cur = T.alloc_buffer((5,), "int32")
         pstart = T.alloc_buffer((1,), "int32")
         for v in range(ctx.NW):
@@ -194,7 +198,7 @@ def cpu_walk(cfg: StreamKConfig):
                             op.publish(bufs, v)
                         else:
                             if pstart[0] > cur[TSTART]:
-                                pm["for_each_contributor"](ctx, v, cur[TSTART], rng2, op, bufs, False)
+                                reduce(ctx, op, bufs, v, cur[TSTART], rng2, valid)
                             op.write_output(bufs, cur[SEQ], cur[HEAD])
                         pm["advance"](ctx, rng, cur)
                         pstart[0] = cur[BLK]
@@ -248,6 +252,26 @@ def gpu_walk(cfg: StreamKConfig):
         op.load(bufs, stage, ld[SEQ], ld[HEAD], row0_of(ld, bs), seq_len(ctx, ld[SEQ]))
 
     @T.macro
+    def reduce(ctx, op, bufs, v, tile_start, rng2):
+        """The reducer: threads acquire the contributors' flags in parallel (one each), reset
+        them for the next launch, and after one barrier every thread merges all partials."""
+        pm["first_contributor"](ctx, v, tile_start, rng2, 3)
+        for k in range(T.truncdiv(v - rng2[3] + (MAX_CONTRIBUTORS - 1), MAX_CONTRIBUTORS)):
+            base = T.meta_var(rng2[3] + k * MAX_CONTRIBUTORS)
+            n = T.meta_var(T.min(MAX_CONTRIBUTORS, v - base))
+            for j in T.unroll(MAX_CONTRIBUTORS // nt):
+                if j * nt + ctx.tx < n:
+                    pm["worker_range"](ctx, base + j * nt + ctx.tx, rng2)
+                    ctx.VALID[j * nt + ctx.tx] = T.if_then_else(rng2[0] < rng2[1], 1, 0)
+                    if rng2[0] < rng2[1]:
+                        T.cuda.wait_until(ctx.seen, T.address_of(ctx.FLAGS[base + j * nt + ctx.tx]),
+                                          lambda x: x == FLAG_SET, backoff_ns=20)
+                        ctx.FLAGS[base + j * nt + ctx.tx] = NO_FLAG
+            T.tvm_storage_sync("shared")
+            op.merge_partials(bufs, base, n, ctx.VALID)
+            T.tvm_storage_sync("shared")
+
+    @T.macro
     def finish_piece(ctx, op, bufs, v, cur, pstart, rng2):
         op.combine(bufs)
         if cur[BLK] + 1 < cur[TEND]:
@@ -259,7 +283,7 @@ def gpu_walk(cfg: StreamKConfig):
                 T.ptx.st.release.gpu.global_.s32(T.address_of(ctx.FLAGS[v]), FLAG_SET)
         else:
             if pstart[0] > cur[TSTART]:
-                pm["for_each_contributor"](ctx, v, cur[TSTART], rng2, op, bufs, True)
+                reduce(ctx, op, bufs, v, cur[TSTART], rng2)
             op.write_output(bufs, cur[SEQ], cur[HEAD])
         T.tvm_storage_sync("shared")
 
