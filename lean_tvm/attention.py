@@ -139,22 +139,22 @@ def _cpu_operator(spec: AttentionSpec, block_size: int):
                 bufs.WSO[slot, g, d] = bufs.acc[g * D + d]
 
     @T.macro
-    def merge_partials(bufs, base, n, valid):
+    def merge_partials(bufs, top, n, valid):
         for g in range(bufs.G):
             bufs.tmp[0] = bufs.m[g]
             for i in range(n):
                 if valid[i] != 0:
-                    bufs.tmp[0] = T.max(bufs.tmp[0], bufs.WSML[base + i, 0, g])
+                    bufs.tmp[0] = T.max(bufs.tmp[0], bufs.WSML[top - i, 0, g])
             bufs.tmp[1] = T.exp2(bufs.m[g] - bufs.tmp[0])
             bufs.l[g] = bufs.l[g] * bufs.tmp[1]
             for d in range(D):
                 bufs.acc[g * D + d] = bufs.acc[g * D + d] * bufs.tmp[1]
             for i in range(n):
                 if valid[i] != 0:
-                    bufs.tmp[2] = T.exp2(bufs.WSML[base + i, 0, g] - bufs.tmp[0])
-                    bufs.l[g] = bufs.l[g] + bufs.WSML[base + i, 1, g] * bufs.tmp[2]
+                    bufs.tmp[2] = T.exp2(bufs.WSML[top - i, 0, g] - bufs.tmp[0])
+                    bufs.l[g] = bufs.l[g] + bufs.WSML[top - i, 1, g] * bufs.tmp[2]
                     for d in range(D):
-                        bufs.acc[g * D + d] = bufs.acc[g * D + d] + bufs.WSO[base + i, g, d] * bufs.tmp[2]
+                        bufs.acc[g * D + d] = bufs.acc[g * D + d] + bufs.WSO[top - i, g, d] * bufs.tmp[2]
             bufs.m[g] = bufs.tmp[0]
 
     @T.macro
@@ -208,9 +208,10 @@ def make_cpu_kernel(spec: AttentionSpec, block_size: int = 64):
         acc = T.alloc_buffer((GM * D,), "float32")
         s = T.alloc_buffer((block_size,), "float32")
         tmp = T.alloc_buffer((3,), "float32")
+        qr = T.alloc_buffer((2,), "int32")
         nh = T.meta_var(T.Cast("int32", HKV))
         ctx = T.meta_var(SimpleNamespace(SL=SL, B=T.Cast("int32", B), H=nh, LMAX=T.Cast("int32", LMAX),
-                                         CUM=cum, NW=num_workers, SPLITS=num_splits, srch=srch,
+                                         CUM=cum, NW=num_workers, SPLITS=num_splits, srch=srch, QR=qr,
                                          FLAGS=FLAGS))
         bufs = T.meta_var(SimpleNamespace(Q=Q, K=K, V=V, O=O, LSE=LSE, WSO=WSO, WSML=WSML,
                                           HQ=T.Cast("int32", HQ), G=T.truncdiv(T.Cast("int32", HQ), nh),
@@ -234,6 +235,7 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
     NN = GM // 8  # 8-wide head tiles
     CH = D // 8  # 16-byte chunks per row
     CPL = RW * CH // 32  # chunks per lane per matrix
+    RPU = 32 // CH  # rows one warp-wide cp.async covers
     E = (GM * D + 4 * NT - 1) // (4 * NT)  # CTA-state quads (4 consecutive d of a head) per thread
     CU = 4  # partials merged per unrolled step: their loads are in flight together
     mma = MMA[dt]
@@ -246,33 +248,54 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
 
     @T.macro
     def begin_tile(bufs, b, h):
+        """Reset the warp's state; Q^T fragments (b0 = Q[g, 16kk + 2t + {0,1}], b1 = the same
+        + 8) read as 32-bit words: q's strides are even (the caller ensures it)."""
         g, t = T.meta_var(T.truncdiv(bufs.lane, 4)), T.meta_var(T.truncmod(bufs.lane, 4))
         for nn in T.unroll(NN):
             for j in T.unroll(2):
                 bufs.mrow[nn * 2 + j] = ninf
                 bufs.lrow[nn * 2 + j] = T.float32(0)
+            row = T.meta_var(T.Cast("int64", b) * bufs.sqb + T.Cast("int64", h * bufs.G + nn * 8 + g) * bufs.sqh)
             for kk in T.unroll(KS):
+                for j in T.unroll(2):
+                    bufs.qw[(nn * KS + kk) * 2 + j] = T.if_then_else(
+                        nn * 8 + g < bufs.G,
+                        bufs.QW[T.truncdiv(row + T.Cast("int64", kk * 16 + t * 2 + 8 * j), 2)], T.uint32(0))
                 for e in T.unroll(4):
-                    # b0 = Q[g, 16kk + 2t + {0,1}], b1 = Q[g, 16kk + 2t + 8 + {0,1}]
-                    if nn * 8 + g < bufs.G:
-                        bufs.qh[(nn * KS + kk) * 4 + e] = bufs.Q[b, h * bufs.G + nn * 8 + g,
-                                                               kk * 16 + t * 2 + T.truncmod(e, 2) + 8 * T.truncdiv(e, 2)]
-                    else:
-                        bufs.qh[(nn * KS + kk) * 4 + e] = T.Cast(dt, T.float32(0))
                     bufs.acc[(nn * KS + kk) * 4 + e] = T.float32(0)
 
     @T.macro
-    def load(bufs, stage, b, h, row0, n):
-        base = T.meta_var(row0 + bufs.warp * RW)
+    def setup(bufs):
+        """Per-lane loader constants, hoisted out of the walk: where each of the lane's 16-byte
+        chunks sits in a stage (XOR-swizzled) and in a block of rows (global)."""
+        lane = T.meta_var(bufs.lane)
         for u in T.unroll(CPL):
-            r = T.meta_var(T.truncdiv(u * 32 + bufs.lane, CH))
-            c = T.meta_var(T.truncmod(u * 32 + bufs.lane, CH))
-            row = T.meta_var(T.min(base + r, n - 1))  # rows past the length: zero-filled
-            size = T.meta_var(T.if_then_else(base + r < n, T.uint32(16), T.uint32(0)))
-            T.ptx["cp.async.cg.shared.global"](T.address_of(bufs.RING[ring(bufs.warp, stage, 0, r, c)]),
-                                               T.address_of(bufs.K[b, h, row, c * 8]), 16, size)
-            T.ptx["cp.async.cg.shared.global"](T.address_of(bufs.RING[ring(bufs.warp, stage, 1, r, c)]),
-                                               T.address_of(bufs.V[b, h, row, c * 8]), 16, size)
+            r = T.meta_var(u * RPU + T.truncdiv(lane, CH))
+            bufs.soff[u] = r * D + T.bitwise_xor(T.truncmod(lane, CH), T.bitwise_and(r, 7)) * 8
+        bufs.goff[0] = T.Cast("int64", T.truncdiv(lane, CH)) * bufs.skl + T.Cast("int64", T.truncmod(lane, CH) * 8)
+        bufs.goff[1] = T.Cast("int64", T.truncdiv(lane, CH)) * bufs.svl + T.Cast("int64", T.truncmod(lane, CH) * 8)
+
+    @T.macro
+    def load(bufs, stage, b, h, row0, n):
+        """cp.async this warp's RW rows of the block; rows past the length are zero-filled
+        (src-size 0, from the tile's first row: an address that is always valid)."""
+        rbase = T.meta_var(row0 + bufs.warp * RW)
+        left = T.meta_var(n - rbase - T.truncdiv(bufs.lane, CH))  # rows from the lane's first
+        kt = T.meta_var(T.Cast("int64", b) * bufs.skb + T.Cast("int64", h) * bufs.skh)
+        vt = T.meta_var(T.Cast("int64", b) * bufs.svb + T.Cast("int64", h) * bufs.svh)
+        bufs.gaddr[0] = kt + T.Cast("int64", rbase) * bufs.skl + bufs.goff[0]
+        bufs.gaddr[1] = vt + T.Cast("int64", rbase) * bufs.svl + bufs.goff[1]
+        sbase = T.meta_var((bufs.warp * S + stage) * 2 * RW * D)
+        for u in T.unroll(CPL):
+            ok = T.meta_var(u * RPU < left)
+            T.ptx["cp.async.cg.shared.global"](
+                T.address_of(bufs.RING[sbase + bufs.soff[u]]),
+                T.address_of(bufs.KF[T.if_then_else(ok, bufs.gaddr[0] + T.Cast("int64", u * RPU) * bufs.skl, kt)]),
+                16, T.if_then_else(ok, T.uint32(16), T.uint32(0)))
+            T.ptx["cp.async.cg.shared.global"](
+                T.address_of(bufs.RING[sbase + RW * D + bufs.soff[u]]),
+                T.address_of(bufs.VF[T.if_then_else(ok, bufs.gaddr[1] + T.Cast("int64", u * RPU) * bufs.svl, vt)]),
+                16, T.if_then_else(ok, T.uint32(16), T.uint32(0)))
 
     @T.macro
     def compute(bufs, stage, b, h, row0, n):
@@ -400,7 +423,7 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                     bufs.WSML[slot, 1, T.truncdiv(x, D)] = bufs.el[e]
 
     @T.macro
-    def merge_partials(bufs, base, n, valid):
+    def merge_partials(bufs, top, n, valid):
         """Two passes over the partials (the new max, then the rescaled sums), CU at a time so
         their loads overlap: a few L2 round trips however many CTAs shared the tile."""
         for e in T.unroll(E):
@@ -412,7 +435,7 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                     for u in T.unroll(CU):
                         if i0 * CU + u < n:
                             if valid[i0 * CU + u] != 0:
-                                bufs.red[0] = T.max(bufs.red[0], bufs.WSML[base + i0 * CU + u, 0, hh])
+                                bufs.red[0] = T.max(bufs.red[0], bufs.WSML[top - i0 * CU - u, 0, hh])
                 bufs.red[1] = T.exp2(bufs.em[e] - bufs.red[0])
                 bufs.el[e] = bufs.el[e] * bufs.red[1]
                 for j in T.unroll(4):
@@ -422,9 +445,9 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                         if i0 * CU + u < n:
                             if valid[i0 * CU + u] != 0:
                                 for j in T.vectorized(4):
-                                    bufs.w4[u * 4 + j] = bufs.WSO[base + i0 * CU + u, hh, T.truncmod(x, D) + j]
-                                bufs.f4[u] = T.exp2(bufs.WSML[base + i0 * CU + u, 0, hh] - bufs.red[0])
-                                bufs.el[e] = bufs.el[e] + bufs.WSML[base + i0 * CU + u, 1, hh] * bufs.f4[u]
+                                    bufs.w4[u * 4 + j] = bufs.WSO[top - i0 * CU - u, hh, T.truncmod(x, D) + j]
+                                bufs.f4[u] = T.exp2(bufs.WSML[top - i0 * CU - u, 0, hh] - bufs.red[0])
+                                bufs.el[e] = bufs.el[e] + bufs.WSML[top - i0 * CU - u, 1, hh] * bufs.f4[u]
                                 for j in T.unroll(4):
                                     bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] + bufs.w4[u * 4 + j] * bufs.f4[u]
                 bufs.em[e] = bufs.red[0]
@@ -448,9 +471,9 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                 if T.truncmod(k * NT + bufs.tx, D) == 0:
                     bufs.LSE[b, T.truncdiv(k * NT + bufs.tx, D)] = ninf
 
-    return SimpleNamespace(begin_tile=begin_tile, load=load, compute=compute, combine=combine,
+    return SimpleNamespace(setup=setup, begin_tile=begin_tile, load=load, compute=compute, combine=combine,
                            publish=publish, merge_partials=merge_partials, write_output=write_output,
-                           write_empty=write_empty, sizes=dict(KS=KS, NM=NM, NN=NN, E=E, CU=CU))
+                           write_empty=write_empty, sizes=dict(KS=KS, NM=NM, NN=NN, E=E, CU=CU, CPL=CPL))
 
 
 def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs()):
@@ -498,8 +521,14 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs()):
         wsum = T.alloc_buffer((NWARP,), "int32", scope="shared")
         srch = T.alloc_buffer((2,), "int32", scope="local")
         seen = T.alloc_buffer((1,), "int32", scope="local")
-        qh = T.alloc_buffer((NN * KS * 4,), dt, scope="local")
-        qw = T.decl_buffer((NN * KS * 2,), "uint32", data=qh.data, scope="local")
+        qw = T.alloc_buffer((NN * KS * 2,), "uint32", scope="local")
+        soff = T.alloc_buffer((op.sizes["CPL"],), "int32", scope="local")
+        goff = T.alloc_buffer((2,), "int64", scope="local")
+        gaddr = T.alloc_buffer((2,), "int64", scope="local")
+        # Flat views for address arithmetic done once per step (Q as 32-bit words).
+        KF = T.decl_buffer((skb * B,), dt, data=K.data)
+        VF = T.decl_buffer((svb * B,), dt, data=V.data)
+        QW = T.decl_buffer((sqb * B,), "uint32", data=Q.data)
         acc = T.alloc_buffer((NN * KS * 4,), "float32", scope="local")
         mrow = T.alloc_buffer((NN * 2,), "float32", scope="local")
         lrow = T.alloc_buffer((NN * 2,), "float32", scope="local")
@@ -512,19 +541,22 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs()):
         eo = T.alloc_buffer((E * 4,), "float32", scope="local")
         w4 = T.alloc_buffer((CU * 4,), "float32", scope="local")
         f4 = T.alloc_buffer((CU,), "float32", scope="local")
-        valid = T.alloc_buffer((streamk.MAX_CONTRIBUTORS,), "int32", scope="shared")
+        valid = T.alloc_buffer((NT,), "int32", scope="shared")
+        qr = T.alloc_buffer((2,), "int32", scope="local")
         em = T.alloc_buffer((E,), "float32", scope="local")
         el = T.alloc_buffer((E,), "float32", scope="local")
         nh = T.meta_var(T.Cast("int32", HKV))
         lane, warp = T.meta_var(T.truncmod(tx, 32)), T.meta_var(T.truncdiv(tx, 32))
         ctx = T.meta_var(SimpleNamespace(
             SL=SL, B=T.Cast("int32", B), H=nh, LMAX=T.Cast("int32", LMAX), CUM=cum, NW=num_workers,
-            SPLITS=num_splits, srch=srch, FLAGS=FLAGS, seen=seen, WSUM=wsum, VALID=valid, tx=tx, lane=lane,
+            SPLITS=num_splits, srch=srch, QR=qr, FLAGS=FLAGS, seen=seen, WSUM=wsum, VALID=valid, tx=tx, lane=lane,
             warp=warp, bx=bx, grid=grid))
         bufs = T.meta_var(SimpleNamespace(
-            Q=Q, K=K, V=V, O=O, LSE=LSE, WSO=WSO, WSML=WSML, HQ=T.Cast("int32", HQ),
+            Q=Q, K=K, V=V, O=O, LSE=LSE, WSO=WSO, WSML=WSML, HQ=T.Cast("int32", HQ), KF=KF, VF=VF, QW=QW,
+            sqb=sqb, sqh=sqh, skb=skb, skh=skh, skl=skl, svb=svb, svh=svh, svl=svl, soff=soff, goff=goff,
+            gaddr=gaddr,
             G=T.truncdiv(T.Cast("int32", HQ), nh), RING=ring, ACCW=accw, MW=mw, LW=lw, FW=fw, MS=ms, LS=ls,
-            qh=qh, qw=qw, acc=acc, mrow=mrow, lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, red=red,
+            qw=qw, acc=acc, mrow=mrow, lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, red=red,
             eo=eo, em=em, el=el, w4=w4, f4=f4, tx=tx, lane=lane, warp=warp,
             scale_log2=softmax_scale * T.float32(LOG2E)))
         walk(ctx, op, bufs)

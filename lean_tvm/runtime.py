@@ -142,7 +142,7 @@ class Workspace:
         self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def get(self, device: torch.device, workers: int, max_group: int, head_dim: int):
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
         key = (str(device), stream, max_group, head_dim)
         bufs = self._buffers.get(key)
         if bufs is None or bufs[2].shape[0] < workers:

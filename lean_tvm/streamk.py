@@ -19,9 +19,10 @@ order rule makes worker ``v`` depend only on workers below ``v``.
 
 Operator interface (``op`` below; every macro takes the operator's buffer namespace first):
 ``begin_tile(bufs, b, h)``, ``write_empty(bufs, b)``, ``publish(bufs, slot)``,
-``merge_partials(bufs, base, n, valid)`` (fold slots base + i with valid[i] != 0, i < n, in
+``merge_partials(bufs, top, n, valid)`` (fold slots top - i with valid[i] != 0, i < n, in
 increasing i), ``write_output(bufs, b, h)``; CPU: ``step(bufs, b, h, row0, n)``;
-GPU: ``load(bufs, stage, b, h, row0, n)``, ``compute(bufs, stage, b, h, row0, n)``,
+GPU: ``setup(bufs)`` (once per CTA), ``load(bufs, stage, b, h, row0, n)``,
+``compute(bufs, stage, b, h, row0, n)``,
 ``combine(bufs)`` (warp states -> the CTA's state). ``row0`` is the block's first row, ``n``
 the tile's valid length.
 """
@@ -35,7 +36,7 @@ from tvm.script import tirx as T
 # Cursor layout (a local int32[5]): the block and the tile that holds it.
 BLK, SEQ, HEAD, TSTART, TEND = range(5)
 NO_FLAG, FLAG_SET = 0, 1
-MAX_CONTRIBUTORS = 256  # partials a reducer merges per round (more take several rounds)
+MAX_CONTRIBUTORS = 128  # partials the CPU reducer merges per round (GPU: one per thread)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,15 +65,21 @@ def blocks_of(ctx, b, block_size):
 def plan_macros(cfg: StreamKConfig):
     """Macros shared by both forms; ``ctx`` holds SL (lengths), B, H (tiles per sequence),
     LMAX (rows in the cache), CUM (int32[B + 1]: first block of each sequence's tiles),
-    NW (workers), SPLITS (0 = stream-K), and ``srch``, a local int32[2] scratch."""
+    NW (workers), SPLITS (0 = stream-K), QR (int32[2]: total blocks // NW and % NW) and
+    ``srch``, a local int32[2] scratch."""
+
+    @T.macro
+    def split_total(ctx):
+        """QR = divmod(total, NW): then v * total // NW = v * q + v * r // NW in 32 bits."""
+        ctx.QR[0] = T.truncdiv(ctx.CUM[ctx.B], ctx.NW)
+        ctx.QR[1] = T.truncmod(ctx.CUM[ctx.B], ctx.NW)
 
     @T.macro
     def worker_range(ctx, v, out):
         """out[0:2] = [lo, hi) of worker v: stream-K shares, or chunk v % S of tile v // S."""
         if ctx.SPLITS == 0:
-            total = T.meta_var(T.Cast("int64", ctx.CUM[ctx.B]))
-            out[0] = T.Cast("int32", T.truncdiv(T.Cast("int64", v) * total, ctx.NW))
-            out[1] = T.Cast("int32", T.truncdiv(T.Cast("int64", v + 1) * total, ctx.NW))
+            out[0] = v * ctx.QR[0] + T.truncdiv(v * ctx.QR[1], ctx.NW)
+            out[1] = (v + 1) * ctx.QR[0] + T.truncdiv((v + 1) * ctx.QR[1], ctx.NW)
         else:
             splits = T.meta_var(T.max(ctx.SPLITS, 1))  # the branches may become a select
             t = T.meta_var(T.truncdiv(v, splits))
@@ -124,23 +131,12 @@ def plan_macros(cfg: StreamKConfig):
         if cur[BLK] < rng[1] and (cur[BLK] < cur[TSTART] or cur[BLK] >= cur[TEND]):
             locate(ctx, cur)
 
-    @T.macro
-    def first_contributor(ctx, v, tile_start, out, at):
-        """out[at] = the lowest worker that can feed the tile starting at tile_start (reduced by
-        v): its owner for stream-K, chunk 0 of the tile for a fixed split. The contributors are
-        the non-empty workers of [out[at], v)."""
-        if ctx.SPLITS == 0:
-            total = T.meta_var(T.Cast("int64", ctx.CUM[ctx.B]))
-            out[at] = T.Cast("int32", T.truncdiv((T.Cast("int64", tile_start) + 1) * ctx.NW - 1, total))
-        else:
-            out[at] = v - T.truncmod(v, T.max(ctx.SPLITS, 1))
-
     return dict(
         worker_range=worker_range,
         locate=locate,
         start_walk=start_walk,
         advance=advance,
-        first_contributor=first_contributor,
+        split_total=split_total,
     )
 
 
@@ -163,17 +159,26 @@ def cpu_walk(cfg: StreamKConfig):
         ctx.CUM[0] = 0
         for b in range(ctx.B):
             ctx.CUM[b + 1] = ctx.CUM[b] + blocks_of(ctx, b, bs) * ctx.H
+        pm["split_total"](ctx)
 
     @T.macro
     def reduce(ctx, op, bufs, v, tile_start, rng2, valid):
-        pm["first_contributor"](ctx, v, tile_start, rng2, 2)
-        for k in range(T.truncdiv(v - rng2[2] + (MAX_CONTRIBUTORS - 1), MAX_CONTRIBUTORS)):
-            base = T.meta_var(rng2[2] + k * MAX_CONTRIBUTORS)
-            n = T.meta_var(T.min(MAX_CONTRIBUTORS, v - base))
-            for i in range(n):
-                pm["worker_range"](ctx, base + i, rng2)
-                valid[i] = T.if_then_else(rng2[0] < rng2[1], 1, 0)
-            op.merge_partials(bufs, base, n, valid)
+        """Workers v - 1, v - 2, ... while their range reaches into the tile: the contributors
+        (the non-empty ones), merged in that order, MAX_CONTRIBUTORS per round."""
+        rng2[2] = v - 1  # top of this round
+        rng2[3] = 1  # another round?
+        while rng2[3] == 1:
+            rng2[3] = 0
+            for i in range(MAX_CONTRIBUTORS):
+                valid[i] = 0
+                if rng2[2] - i >= 0:
+                    pm["worker_range"](ctx, rng2[2] - i, rng2)
+                    if rng2[1] > tile_start:
+                        valid[i] = T.if_then_else(rng2[0] < rng2[1], 1, 0)
+                        if i == MAX_CONTRIBUTORS - 1:
+                            rng2[3] = 1
+            op.merge_partials(bufs, rng2[2], MAX_CONTRIBUTORS, valid)
+            rng2[2] = rng2[2] - MAX_CONTRIBUTORS
 
     @T.macro
     def walk(ctx, op, bufs):
@@ -246,6 +251,7 @@ def gpu_walk(cfg: StreamKConfig):
         if ctx.tx == nt - 1:
             ctx.CUM[ctx.B] = scan[1] * ctx.H
         T.tvm_storage_sync("shared")
+        pm["split_total"](ctx)
 
     @T.macro
     def load_step(ctx, op, bufs, stage, ld):
@@ -253,22 +259,25 @@ def gpu_walk(cfg: StreamKConfig):
 
     @T.macro
     def reduce(ctx, op, bufs, v, tile_start, rng2):
-        """The reducer: threads acquire the contributors' flags in parallel (one each), reset
-        them for the next launch, and after one barrier every thread merges all partials."""
-        pm["first_contributor"](ctx, v, tile_start, rng2, 3)
-        for k in range(T.truncdiv(v - rng2[3] + (MAX_CONTRIBUTORS - 1), MAX_CONTRIBUTORS)):
-            base = T.meta_var(rng2[3] + k * MAX_CONTRIBUTORS)
-            n = T.meta_var(T.min(MAX_CONTRIBUTORS, v - base))
-            for j in T.unroll(MAX_CONTRIBUTORS // nt):
-                if j * nt + ctx.tx < n:
-                    pm["worker_range"](ctx, base + j * nt + ctx.tx, rng2)
-                    ctx.VALID[j * nt + ctx.tx] = T.if_then_else(rng2[0] < rng2[1], 1, 0)
-                    if rng2[0] < rng2[1]:
-                        T.cuda.wait_until(ctx.seen, T.address_of(ctx.FLAGS[base + j * nt + ctx.tx]),
-                                          lambda x: x == FLAG_SET, backoff_ns=20)
-                        ctx.FLAGS[base + j * nt + ctx.tx] = NO_FLAG
-            T.tvm_storage_sync("shared")
-            op.merge_partials(bufs, base, n, ctx.VALID)
+        """The reducer: thread i checks worker v - 1 - i, and if it is a contributor acquires its
+        flag and resets it for the next launch; after one barrier every thread merges all the
+        partials. Rounds of ``num_threads`` workers continue while the range reaches back."""
+        rng2[2] = v - 1  # top of this round
+        rng2[3] = 1  # another round?
+        while rng2[3] != 0:
+            ctx.VALID[ctx.tx] = 0
+            rng2[0] = 0
+            rng2[1] = 0
+            if rng2[2] - ctx.tx >= 0:
+                pm["worker_range"](ctx, rng2[2] - ctx.tx, rng2)
+                if rng2[1] > tile_start and rng2[0] < rng2[1]:
+                    ctx.VALID[ctx.tx] = 1
+                    T.cuda.wait_until(ctx.seen, T.address_of(ctx.FLAGS[rng2[2] - ctx.tx]),
+                                      lambda x: x == FLAG_SET, backoff_ns=20)
+                    ctx.FLAGS[rng2[2] - ctx.tx] = NO_FLAG
+            rng2[3] = T.cuda.syncthreads_or(T.And(ctx.tx == nt - 1, rng2[1] > tile_start))
+            op.merge_partials(bufs, rng2[2], nt, ctx.VALID)
+            rng2[2] = rng2[2] - nt
             T.tvm_storage_sync("shared")
 
     @T.macro
@@ -290,6 +299,7 @@ def gpu_walk(cfg: StreamKConfig):
     @T.macro
     def walk(ctx, op, bufs):
         plan_setup(ctx)
+        op.setup(bufs)
         for k in range(T.truncdiv(ctx.B - ctx.bx + ctx.grid - 1, ctx.grid)):
             if seq_len(ctx, ctx.bx + k * ctx.grid) == 0:
                 op.write_empty(bufs, ctx.bx + k * ctx.grid)
@@ -302,6 +312,9 @@ def gpu_walk(cfg: StreamKConfig):
             v = T.meta_var(ctx.bx + k * ctx.grid)
             pm["start_walk"](ctx, v, rng, cur)
             if rng[0] < rng[1]:
+                # The tile's query first: its loads must not queue behind the KV prefetch.
+                pstart[0] = cur[BLK]
+                op.begin_tile(bufs, cur[SEQ], cur[HEAD])
                 for j in T.unroll(5):
                     ld[j] = cur[j]
                 for s in T.unroll(stages - 1):
@@ -309,8 +322,6 @@ def gpu_walk(cfg: StreamKConfig):
                         load_step(ctx, op, bufs, s, ld)
                         pm["advance"](ctx, rng, ld)
                     T.ptx["cp.async.commit_group"]()
-                pstart[0] = cur[BLK]
-                op.begin_tile(bufs, cur[SEQ], cur[HEAD])
                 for i in range(rng[1] - rng[0]):
                     if i + (stages - 1) < rng[1] - rng[0]:
                         load_step(ctx, op, bufs, T.truncmod(i + (stages - 1), stages), ld)
