@@ -19,74 +19,21 @@ warp running its own pipeline over its 16-row slice of every block: no CTA barri
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from types import SimpleNamespace
 
 import tvm
 from tvm.script import tirx as T
 
 from . import streamk
-from .streamk import StreamKConfig
+from .spec import AttentionSpec, GpuKnobs, StreamKConfig
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NEG_INF = float("-inf")
-DTYPES = ("float16", "bfloat16")
-HEAD_DIMS = (64, 128, 256)
-MAX_GROUPS = (8, 16)
 MMA = {
     "float16": "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
     "bfloat16": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionSpec:
-    """What a compiled kernel is specialised for; batch, heads and lengths stay symbolic."""
-
-    dtype: str
-    head_dim: int
-    max_group: int = 8  # serves every G = Hq / Hkv up to this (8: one mma N tile, 16: two)
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
-        if self.head_dim not in HEAD_DIMS:
-            raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {self.head_dim}")
-        if self.max_group not in MAX_GROUPS:
-            raise ValueError(f"max_group: expected one of {MAX_GROUPS}, got {self.max_group}")
-
-    @property
-    def name(self) -> str:
-        return f"lean_attention_{self.dtype}_d{self.head_dim}_g{self.max_group}"
-
-
-@dataclasses.dataclass(frozen=True)
-class GpuKnobs:
-    """The schedule's tunables (``schedules/<arch>.json`` holds the chosen ones)."""
-
-    rows_per_warp: int = 16  # KV rows a warp folds per step (a multiple of 16)
-    num_warps: int = 4
-    stages: int = 4  # cp.async pipeline depth per warp
-    ctas_per_sm: int = 1
-    max_batch: int = 1024
-
-    @property
-    def block_size(self) -> int:
-        return self.rows_per_warp * self.num_warps
-
-    def streamk_config(self) -> StreamKConfig:
-        return StreamKConfig(block_size=self.block_size, num_threads=32 * self.num_warps,
-                             stages=self.stages, max_batch=self.max_batch)
-
-    def ring_bytes(self, spec: AttentionSpec) -> int:
-        """Dynamic shared memory: K and V stages of every warp."""
-        return self.num_warps * self.stages * 2 * self.rows_per_warp * spec.head_dim * 2
-
-    def smem_bytes(self, spec: AttentionSpec) -> int:
-        merge = self.num_warps * spec.max_group * (spec.head_dim + 3) * 4 + 2 * spec.max_group * 4
-        return self.ring_bytes(spec) + merge + (self.max_batch + 1 + self.num_warps) * 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,9 +286,10 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                 bufs.red[2] = T.exp2(bufs.mrow[nn * 2 + j] - bufs.red[1])  # rescale
                 bufs.mrow[nn * 2 + j] = bufs.red[0]
                 bufs.lrow[nn * 2 + j] = bufs.lrow[nn * 2 + j] * bufs.red[2]
-                for kk in T.unroll(KS):
-                    for i2 in T.unroll(2):
-                        bufs.acc[(nn * KS + kk) * 4 + j + 2 * i2] = bufs.acc[(nn * KS + kk) * 4 + j + 2 * i2] * bufs.red[2]
+                if bufs.red[2] != T.float32(1):  # lazy: past the first blocks the max rarely moves
+                    for kk in T.unroll(KS):
+                        for i2 in T.unroll(2):
+                            bufs.acc[(nn * KS + kk) * 4 + j + 2 * i2] = bufs.acc[(nn * KS + kk) * 4 + j + 2 * i2] * bufs.red[2]
                 for mt in T.unroll(NM):
                     for i2 in T.unroll(2):
                         x = T.meta_var((mt * NN + nn) * 4 + j + 2 * i2)
@@ -476,7 +424,7 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                            write_empty=write_empty, sizes=dict(KS=KS, NM=NM, NN=NN, E=E, CU=CU, CPL=CPL))
 
 
-def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs()):
+def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs(), name: str | None = None):
     """The persistent CUDA kernel: grid = ``grid`` CTAs walking ``num_workers`` planned ranges."""
     GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
     cfg = knobs.streamk_config()
@@ -561,4 +509,4 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs()):
             scale_log2=softmax_scale * T.float32(LOG2E)))
         walk(ctx, op, bufs)
 
-    return lean_attention.with_attr("global_symbol", spec.name)
+    return lean_attention.with_attr("global_symbol", name or spec.name)

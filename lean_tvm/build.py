@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .attention import DTYPES, HEAD_DIMS, MAX_GROUPS, AttentionSpec
+from .spec import DTYPES, HEAD_DIMS, MAX_GROUPS, AttentionSpec
 from .schedule_records import knobs_for, load_records
 
 SUPPORTED_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")  # mma bf16, cp.async, movmatrix
@@ -97,17 +97,12 @@ def default_specs():
 def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_path: str | None = None,
                keep_source: bool = True) -> dict:
     """Generate, compile and describe one library for ``arch``; returns the manifest."""
-    import tvm
-
-    from . import stream_read
     from .attention import make_gpu_kernel
-    from .codegen import cuda_source_of_module
 
     if arch not in SUPPORTED_ARCHS:
         raise BuildError(f"--arch: expected one of {SUPPORTED_ARCHS}, got {arch!r} "
                          "(the kernel needs cp.async, movmatrix and bf16 mma: sm_80 or newer)")
-    nvcc = find_nvcc()
-    os.makedirs(out_dir, exist_ok=True)
+    find_nvcc()
     records = load_records(arch, records_path)
     kernels, funcs = [], {}
     t0 = time.time()
@@ -119,8 +114,23 @@ def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_
                         "head_dim": spec.head_dim, "max_group": spec.max_group,
                         "knobs": dataclasses.asdict(knobs), "block_size": knobs.block_size,
                         "dynamic_smem_bytes": knobs.ring_bytes(spec)})
-    funcs[stream_read.NAME] = stream_read.make_stream_read()
-    kernels.append({"name": stream_read.NAME, "op": "stream_read"})
+    manifest = compile_library(arch, out_dir, funcs, kernels, keep_source)
+    _log(f"done in {time.time() - t0:.0f} s")
+    return manifest
+
+
+def compile_library(arch: str, out_dir: str, funcs: dict, kernels: list[dict], keep_source: bool = True) -> dict:
+    """Kernels (plus the stream-read yardstick) -> one CUDA translation unit -> nvcc -> the
+    library and its manifest."""
+    import tvm
+
+    from . import stream_read
+    from .codegen import cuda_source_of_module
+
+    nvcc = find_nvcc()
+    os.makedirs(out_dir, exist_ok=True)
+    funcs = {**funcs, stream_read.NAME: stream_read.make_stream_read()}
+    kernels = [*kernels, {"name": stream_read.NAME, "op": "stream_read"}]
     _log(f"TIR -> CUDA C++ ({len(funcs)} kernels, {arch})")
     src = cuda_source_of_module(tvm.IRModule(funcs), arch)
     cu = os.path.join(out_dir, f"lean_tvm_{arch}.cu")
@@ -153,7 +163,7 @@ def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_
     }
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
-    _log(f"wrote {lib} ({os.path.getsize(lib) // 1024} KiB) and {MANIFEST} in {time.time() - t0:.0f} s")
+    _log(f"wrote {lib} ({os.path.getsize(lib) // 1024} KiB) and {MANIFEST}")
     return manifest
 
 

@@ -162,7 +162,8 @@ def num_sms(device: torch.device) -> int:
 
 
 def launch_attention(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: float,
-                     num_splits: int = STREAM_K, num_ctas: int | None = None) -> None:
+                     num_splits: int = STREAM_K, num_ctas: int | None = None,
+                     kernel: KernelInfo | None = None) -> None:
     """Run the kernel on already-validated tensors (q [B, Hq, D], caches [B, Hkv, L, D] views).
 
     ``num_splits == 0``: stream-K over ``num_ctas`` (default: every SM x CTAs per SM);
@@ -172,7 +173,7 @@ def launch_attention(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: flo
     lib = library_for(device)
     batch, hq, head_dim = q.shape
     group = hq // k_cache.shape[1]
-    info = lib.attention_kernel(str(q.dtype).removeprefix("torch."), head_dim, group)
+    info = kernel or lib.attention_kernel(str(q.dtype).removeprefix("torch."), head_dim, group)
     resident = num_sms(device) * info.ctas_per_sm
     if num_splits == STREAM_K:
         workers = num_ctas or resident

@@ -12,10 +12,12 @@ import json
 import os
 from pathlib import Path
 
-from .attention import AttentionSpec, GpuKnobs
+from .spec import AttentionSpec, GpuKnobs
 
-# Shared memory one block may use (opt-in maximum), bytes.
+# Shared memory one block may use (opt-in maximum) and one SM holds, bytes.
 SMEM_PER_BLOCK = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448, "sm_90a": 232448}
+SMEM_PER_SM = {"sm_80": 167936, "sm_86": 102400, "sm_89": 102400, "sm_90": 233472, "sm_90a": 233472}
+SMEM_RESERVED_PER_BLOCK = 1024  # the driver's per-CTA reservation
 STATIC_SMEM_LIMIT = 48 * 1024
 
 
@@ -40,8 +42,11 @@ def _matches(record: dict, spec: AttentionSpec) -> bool:
 
 
 def fits(knobs: GpuKnobs, spec: AttentionSpec, arch: str) -> bool:
-    static = knobs.smem_bytes(spec) - knobs.ring_bytes(spec)
-    return static <= STATIC_SMEM_LIMIT and knobs.smem_bytes(spec) <= SMEM_PER_BLOCK.get(arch, 101376)
+    """Within the static and per-block limits, and ``ctas_per_sm`` CTAs fit one SM together."""
+    per_cta = knobs.smem_bytes(spec)
+    return (knobs.static_smem_bytes(spec) <= STATIC_SMEM_LIMIT
+            and per_cta <= SMEM_PER_BLOCK.get(arch, 101376)
+            and knobs.ctas_per_sm * (per_cta + SMEM_RESERVED_PER_BLOCK) <= SMEM_PER_SM.get(arch, 102400))
 
 
 def knobs_for(records: list[dict], spec: AttentionSpec, arch: str) -> GpuKnobs:

@@ -29,28 +29,14 @@ the tile's valid length.
 
 from __future__ import annotations
 
-import dataclasses
-
 from tvm.script import tirx as T
+
+from .spec import StreamKConfig
 
 # Cursor layout (a local int32[5]): the block and the tile that holds it.
 BLK, SEQ, HEAD, TSTART, TEND = range(5)
 NO_FLAG, FLAG_SET = 0, 1
 MAX_CONTRIBUTORS = 128  # partials the CPU reducer merges per round (GPU: one per thread)
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamKConfig:
-    """Compile-time shape of the persistent walk (the tuned knobs live in ``schedules/``)."""
-
-    block_size: int  # reduction rows (KV rows) per block: the plan's unit of work
-    num_threads: int = 128  # per CTA (GPU)
-    stages: int = 4  # cp.async pipeline depth, per warp (GPU)
-    max_batch: int = 1024  # sequences the device plan holds in shared memory (GPU)
-
-    @property
-    def num_warps(self) -> int:
-        return self.num_threads // 32
 
 
 def seq_len(ctx, b):

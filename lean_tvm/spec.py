@@ -1,0 +1,82 @@
+"""What a compiled kernel is specialised for and the schedule's knobs: shared by the build half
+(TVM) and the run half (tvm-ffi only), so it imports neither."""
+
+from __future__ import annotations
+
+import dataclasses
+
+DTYPES = ("float16", "bfloat16")
+HEAD_DIMS = (64, 128, 256)
+MAX_GROUPS = (8, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamKConfig:
+    """Compile-time shape of the persistent walk (the tuned knobs live in ``schedules/``)."""
+
+    block_size: int  # reduction rows (KV rows) per block: the plan's unit of work
+    num_threads: int = 128  # per CTA (GPU)
+    stages: int = 4  # cp.async pipeline depth, per warp (GPU)
+    max_batch: int = 1024  # sequences the device plan holds in shared memory (GPU)
+
+    @property
+    def num_warps(self) -> int:
+        return self.num_threads // 32
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """What a compiled kernel is specialised for; batch, heads and lengths stay symbolic."""
+
+    dtype: str
+    head_dim: int
+    max_group: int = 8  # serves every G = Hq / Hkv up to this (8: one mma N tile, 16: two)
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {DTYPES}, got {self.dtype!r}")
+        if self.head_dim not in HEAD_DIMS:
+            raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {self.head_dim}")
+        if self.max_group not in MAX_GROUPS:
+            raise ValueError(f"max_group: expected one of {MAX_GROUPS}, got {self.max_group}")
+
+    @property
+    def name(self) -> str:
+        return f"lean_attention_{self.dtype}_d{self.head_dim}_g{self.max_group}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuKnobs:
+    """The schedule's tunables (``schedules/<arch>.json`` holds the chosen ones)."""
+
+    rows_per_warp: int = 16  # KV rows a warp folds per step (a multiple of 16)
+    num_warps: int = 4
+    stages: int = 4  # cp.async pipeline depth per warp
+    ctas_per_sm: int = 1
+    max_batch: int = 1024
+
+    @property
+    def block_size(self) -> int:
+        return self.rows_per_warp * self.num_warps
+
+    @property
+    def tag(self) -> str:
+        return f"rw{self.rows_per_warp}_w{self.num_warps}_s{self.stages}_c{self.ctas_per_sm}"
+
+    def streamk_config(self) -> StreamKConfig:
+        return StreamKConfig(block_size=self.block_size, num_threads=32 * self.num_warps,
+                             stages=self.stages, max_batch=self.max_batch)
+
+    def ring_bytes(self, spec: AttentionSpec) -> int:
+        """Dynamic shared memory: the K and V stages of every warp, then the warps' fp32 states."""
+        ring = self.num_warps * self.stages * 2 * self.rows_per_warp * spec.head_dim * 2
+        return ring + self.num_warps * spec.max_group * spec.head_dim * 4
+
+    def static_smem_bytes(self, spec: AttentionSpec) -> int:
+        per_head = 3 * self.num_warps * spec.max_group + 2 * spec.max_group
+        return (per_head + self.max_batch + 1 + self.num_warps + 32 * self.num_warps) * 4
+
+    def smem_bytes(self, spec: AttentionSpec) -> int:
+        return self.ring_bytes(spec) + self.static_smem_bytes(spec)
+
+

@@ -1,0 +1,186 @@
+"""Search the schedule's knobs per kernel on a GPU and record the winners in schedules/<arch>.json.
+
+Three steps, so that the GPU machine needs neither TVM nor nvcc:
+
+    python -m lean_tvm.tune build   --arch sm_90a --out build/tune_sm_90a   # CPU machine
+    python -m lean_tvm.tune measure --lib build/tune_sm_90a --out tune.json  # GPU machine
+    python -m lean_tvm.tune select  tune.json                               # writes the record
+
+``build`` compiles every candidate that fits the arch's shared memory (rows per warp step,
+warps, pipeline stages, CTAs per SM) into one library; ``measure`` times each on a set of
+shape classes (small / medium / long context, a batch, a ragged batch); ``select`` keeps, per
+kernel, the candidate with the best geometric mean of (time / best time of that shape).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from .spec import DTYPES, AttentionSpec, GpuKnobs
+
+CANDIDATES = (
+    GpuKnobs(rows_per_warp=16, num_warps=4, stages=4),
+    GpuKnobs(rows_per_warp=16, num_warps=4, stages=2),
+    GpuKnobs(rows_per_warp=32, num_warps=4, stages=3),
+    GpuKnobs(rows_per_warp=32, num_warps=4, stages=2),
+    GpuKnobs(rows_per_warp=16, num_warps=8, stages=2),
+    GpuKnobs(rows_per_warp=16, num_warps=4, stages=2, ctas_per_sm=2),
+    GpuKnobs(rows_per_warp=32, num_warps=4, stages=2, ctas_per_sm=2, max_batch=512),
+    GpuKnobs(rows_per_warp=16, num_warps=4, stages=8),
+    GpuKnobs(rows_per_warp=32, num_warps=4, stages=4),
+)
+# (name, batch, Hq, Hkv, lengths): the shape classes a schedule must serve.
+SHAPES = (
+    ("B1 L4k", 1, 32, 8, [4096]),
+    ("B1 L32k", 1, 32, 8, [32768]),
+    ("B1 L256k", 1, 32, 8, [262144]),
+    ("B16 L4k", 16, 32, 8, [4096] * 16),
+    ("ragged 1x128k+15x2k", 16, 32, 8, [131072] + [2048] * 15),
+)
+
+
+def candidate_name(spec: AttentionSpec, knobs: GpuKnobs) -> str:
+    return f"{spec.name}__{knobs.tag}"
+
+
+def build(arch: str, out_dir: str, specs: Sequence[AttentionSpec]) -> None:
+    from . import build as builder
+    from .attention import make_gpu_kernel
+    from .schedule_records import fits
+
+    funcs, kernels = {}, []
+    for spec in specs:
+        for knobs in CANDIDATES:
+            if not fits(knobs, spec, arch):
+                continue
+            name = candidate_name(spec, knobs)
+            funcs[name] = make_gpu_kernel(spec, knobs, name=name)
+            kernels.append({"name": name, "op": "decode_attention", "dtype": spec.dtype,
+                            "head_dim": spec.head_dim, "max_group": spec.max_group,
+                            "knobs": dataclasses.asdict(knobs), "block_size": knobs.block_size})
+            print(f"[lean_tvm.tune] candidate {name}", flush=True)
+    builder.compile_library(arch, out_dir, funcs, kernels)
+
+
+def _shape_group(spec_max_group: int) -> int:
+    return 4 if spec_max_group == 8 else 16
+
+
+def measure(lib_dir: str, out_path: str, reps: int = 20) -> dict:
+    import torch
+
+    from . import runtime
+    from .timing import Timer, gpu_clocks
+
+    os.environ["LEAN_TVM_LIB_DIR"] = lib_dir
+    dev = torch.device("cuda")
+    lib = runtime.library_for(dev)
+    timer = Timer(dev)
+    timer.warm_clocks()
+    results = {"gpu": torch.cuda.get_device_name(dev), "clocks": gpu_clocks(dev),
+               "date": time.strftime("%Y-%m-%d"), "times": []}
+    groups: dict[tuple, list] = {}
+    for k in lib.kernels:
+        groups.setdefault((k.dtype, k.head_dim, k.max_group), []).append(k)
+    for (dtype, head_dim, max_group), kernels in groups.items():
+        g = _shape_group(max_group)
+        for shape, batch, hq, hkv, lens in SHAPES:
+            hq = hkv * g
+            tdt = getattr(torch, dtype)
+            k_cache = torch.randn(batch, hkv, max(lens), head_dim, device=dev, dtype=tdt)
+            v_cache = torch.randn_like(k_cache)
+            q = torch.randn(batch, hq, head_dim, device=dev, dtype=tdt)
+            lens_t = torch.tensor(lens, dtype=torch.int32, device=dev)
+            out = torch.empty_like(q)
+            lse = torch.empty(batch, hq, device=dev)
+            for info in kernels:
+                def call(info=info):
+                    runtime.launch_attention(q, k_cache, v_cache, lens_t, out, lse, 1 / math.sqrt(head_dim),
+                                             kernel=info)
+                st = timer.device_time(call, reps=reps)
+                results["times"].append({"kernel": info.name, "dtype": dtype, "head_dim": head_dim,
+                                         "max_group": max_group, "shape": shape, "us": st.median})
+                print(f"{info.name:60s} {shape:22s} {st.median:8.1f} us", flush=True)
+            del k_cache, v_cache
+    with open(out_path, "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+def select(results: dict, manifest: dict) -> list[dict]:
+    """Per kernel family, the candidate with the best geometric mean of time / best time."""
+    from .schedule_records import record
+
+    knobs_of = {k["name"]: k["knobs"] for k in manifest["kernels"]}
+    by_family: dict[tuple, dict[str, dict[str, float]]] = {}
+    for r in results["times"]:
+        fam = (r["dtype"], r["head_dim"], r["max_group"])
+        by_family.setdefault(fam, {}).setdefault(r["kernel"], {})[r["shape"]] = r["us"]
+    records = []
+    for (dtype, head_dim, max_group), cands in by_family.items():
+        shapes = set.intersection(*(set(v) for v in cands.values()))
+        best = {s: min(c[s] for c in cands.values()) for s in shapes}
+
+        def score(times):
+            return math.exp(sum(math.log(times[s] / best[s]) for s in shapes) / len(shapes))
+
+        name = min(cands, key=lambda n: score(cands[n]))
+        spec = AttentionSpec(dtype, head_dim, max_group)
+        records.append(record(spec, GpuKnobs(**knobs_of[name]), geomean_vs_best=round(score(cands[name]), 4),
+                              times_us={s: round(cands[name][s], 2) for s in sorted(shapes)},
+                              measured_on=results["gpu"], date=results["date"]))
+    return records
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lean_tvm.tune", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="compile every fitting candidate (CPU machine with nvcc)")
+    b.add_argument("--arch", default="sm_90a")
+    b.add_argument("--out", required=True)
+    b.add_argument("--dtypes", default=",".join(DTYPES))
+    b.add_argument("--head-dims", default="64,128,256")
+    b.add_argument("--max-groups", default="8,16")
+    m = sub.add_parser("measure", help="time the candidates (GPU machine)")
+    m.add_argument("--lib", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--reps", type=int, default=20)
+    s = sub.add_parser("select", help="write the winners to schedules/<arch>.json")
+    s.add_argument("results")
+    s.add_argument("--lib", required=True, help="the tuning library (its manifest names the knobs)")
+    s.add_argument("--out", default=None, help="default schedules/<arch>.json")
+    args = ap.parse_args(argv)
+    if args.cmd == "build":
+        from .build import attention_specs
+
+        specs = attention_specs(args.dtypes.split(","), [int(x) for x in args.head_dims.split(",")],
+                                [int(x) for x in args.max_groups.split(",")])
+        build(args.arch, args.out, specs)
+    elif args.cmd == "measure":
+        measure(args.lib, args.out, args.reps)
+    else:
+        from .schedule_records import records_dir
+
+        with open(args.results) as f:
+            results = json.load(f)
+        with open(os.path.join(args.lib, "manifest.json")) as f:
+            manifest = json.load(f)
+        out = args.out or str(records_dir() / f"{manifest['arch']}.json")
+        data = {"arch": manifest["arch"], "note": "written by python -m lean_tvm.tune select",
+                "records": select(results, manifest)}
+        with open(out, "w") as f:
+            json.dump(data, f, indent=1)
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
