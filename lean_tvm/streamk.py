@@ -148,22 +148,24 @@ def cpu_walk(cfg: StreamKConfig):
         pm["split_total"](ctx)
 
     @T.macro
-    def reduce(ctx, op, bufs, v, tile_start, rng2, valid):
+    def reduce(ctx, op, bufs, v, tile_start, rng2, valid, count):
         """Workers v - 1, v - 2, ... while their range reaches into the tile: the contributors
         (the non-empty ones), merged in that order, MAX_CONTRIBUTORS per round."""
         rng2[2] = v - 1  # top of this round
         rng2[3] = 1  # another round?
         while rng2[3] == 1:
             rng2[3] = 0
+            count[0] = 0
             for i in range(MAX_CONTRIBUTORS):
                 valid[i] = 0
                 if rng2[2] - i >= 0:
                     pm["worker_range"](ctx, rng2[2] - i, rng2)
                     if rng2[1] > tile_start:
+                        count[0] = i + 1
                         valid[i] = T.if_then_else(rng2[0] < rng2[1], 1, 0)
                         if i == MAX_CONTRIBUTORS - 1:
                             rng2[3] = 1
-            op.merge_partials(bufs, rng2[2], MAX_CONTRIBUTORS, valid)
+            op.merge_partials(bufs, rng2[2], count[0], valid)
             rng2[2] = rng2[2] - MAX_CONTRIBUTORS
 
     @T.macro
@@ -175,6 +177,7 @@ def cpu_walk(cfg: StreamKConfig):
         rng = T.alloc_buffer((3,), "int32")
         rng2 = T.alloc_buffer((4,), "int32")
         valid = T.alloc_buffer((MAX_CONTRIBUTORS,), "int32")
+        count = T.alloc_buffer((1,), "int32")
         cur = T.alloc_buffer((5,), "int32")
         pstart = T.alloc_buffer((1,), "int32")
         for v in range(ctx.NW):
@@ -189,7 +192,7 @@ def cpu_walk(cfg: StreamKConfig):
                             op.publish(bufs, v)
                         else:
                             if pstart[0] > cur[TSTART]:
-                                reduce(ctx, op, bufs, v, cur[TSTART], rng2, valid)
+                                reduce(ctx, op, bufs, v, cur[TSTART], rng2, valid, count)
                             op.write_output(bufs, cur[SEQ], cur[HEAD])
                         pm["advance"](ctx, rng, cur)
                         pstart[0] = cur[BLK]
@@ -246,8 +249,9 @@ def gpu_walk(cfg: StreamKConfig):
     @T.macro
     def reduce(ctx, op, bufs, v, tile_start, rng2):
         """The reducer: thread i checks worker v - 1 - i, and if it is a contributor acquires its
-        flag and resets it for the next launch; after one barrier every thread merges all the
-        partials. Rounds of ``num_threads`` workers continue while the range reaches back."""
+        flag and resets it for the next launch; after one barrier every thread merges the
+        partials. The workers reaching into the tile are a prefix of i, counted by warp ballots.
+        Rounds of ``num_threads`` workers continue while the range reaches back further."""
         rng2[2] = v - 1  # top of this round
         rng2[3] = 1  # another round?
         while rng2[3] != 0:
@@ -261,8 +265,15 @@ def gpu_walk(cfg: StreamKConfig):
                     T.cuda.wait_until(ctx.seen, T.address_of(ctx.FLAGS[rng2[2] - ctx.tx]),
                                       lambda x: x == FLAG_SET, backoff_ns=20)
                     ctx.FLAGS[rng2[2] - ctx.tx] = NO_FLAG
-            rng2[3] = T.cuda.syncthreads_or(T.And(ctx.tx == nt - 1, rng2[1] > tile_start))
-            op.merge_partials(bufs, rng2[2], nt, ctx.VALID)
+            in_tile = T.meta_var(T.And(rng2[2] - ctx.tx >= 0, rng2[1] > tile_start))
+            ctx.seen[0] = T.popcount(T.cuda.ballot_sync(full_mask, in_tile))
+            if ctx.lane == 0:
+                ctx.WSUM[ctx.warp] = ctx.seen[0]
+            rng2[3] = T.cuda.syncthreads_or(T.And(ctx.tx == nt - 1, in_tile))
+            rng2[0] = 0
+            for w in T.unroll(nwarps):
+                rng2[0] = rng2[0] + ctx.WSUM[w]
+            op.merge_partials(bufs, rng2[2], rng2[0], ctx.VALID)
             rng2[2] = rng2[2] - nt
             T.tvm_storage_sync("shared")
 
@@ -270,9 +281,9 @@ def gpu_walk(cfg: StreamKConfig):
     def finish_piece(ctx, op, bufs, v, cur, pstart, rng2):
         op.combine(bufs)
         if cur[BLK] + 1 < cur[TEND]:
-            # Contributor: publish, make it visible GPU-wide, then release the flag.
+            # Contributor: publish; after the barrier one release store (cumulative over the
+            # CTA's writes ordered before it by the barrier) raises the flag.
             op.publish(bufs, v)
-            T.cuda.thread_fence()
             T.tvm_storage_sync("shared")
             if ctx.tx == 0:
                 T.ptx.st.release.gpu.global_.s32(T.address_of(ctx.FLAGS[v]), FLAG_SET)
