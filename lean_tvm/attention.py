@@ -424,8 +424,12 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                            write_empty=write_empty, sizes=dict(KS=KS, NM=NM, NN=NN, E=E, CU=CU, CPL=CPL))
 
 
-def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs(), name: str | None = None):
-    """The persistent CUDA kernel: grid = ``grid`` CTAs walking ``num_workers`` planned ranges."""
+def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs(), name: str | None = None,
+                    trace: bool = False):
+    """The persistent CUDA kernel: grid = ``grid`` CTAs walking ``num_workers`` planned ranges.
+
+    ``trace=True`` builds the debug variant with one more argument, ``trace: uint64[grid,
+    len(streamk.TRACE_EVENTS)]``, filled with %globaltimer stamps of each CTA's phases."""
     GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
     cfg = knobs.streamk_config()
     RW, NWARP, S, NT = knobs.rows_per_warp, knobs.num_warps, knobs.stages, cfg.num_threads
@@ -434,79 +438,97 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs(), name: str
     walk = streamk.gpu_walk(cfg)
     one, two, d64, g64 = (tvm.tirx.const(x, "int64") for x in (1, 2, D, GM))
     ring_elems = NWARP * S * 2 * RW * D
+    n_events = len(streamk.TRACE_EVENTS)
 
-    @T.prim_func(s_tir=True)
-    def lean_attention(q: T.handle, k: T.handle, v: T.handle, seq_lens: T.handle, o: T.handle,
-                       lse: T.handle, ws_o: T.handle, ws_ml: T.handle, flags: T.handle,
-                       softmax_scale: T.float32, num_workers: T.int32, num_splits: T.int32,
-                       grid: T.int32):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        B, HQ, HKV, LMAX, WSN = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        sqb, sqh, skb, skh, skl = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        svb, svh, svl = T.int64(), T.int64(), T.int64()
-        Q = T.match_buffer(q, (B, HQ, d64), dt, strides=(sqb, sqh, one))
-        K = T.match_buffer(k, (B, HKV, LMAX, d64), dt, strides=(skb, skh, skl, one))
-        V = T.match_buffer(v, (B, HKV, LMAX, d64), dt, strides=(svb, svh, svl, one))
-        SL = T.match_buffer(seq_lens, (B,), "int32")
-        O = T.match_buffer(o, (B, HQ, d64), dt)
-        LSE = T.match_buffer(lse, (B, HQ), "float32")
-        WSO = T.match_buffer(ws_o, (WSN, g64, d64), "float32")
-        WSML = T.match_buffer(ws_ml, (WSN, two, g64), "float32")
-        FLAGS = T.match_buffer(flags, (WSN,), "int32")
-        bx = T.launch_thread("blockIdx.x", grid)
-        tx = T.launch_thread("threadIdx.x", NT)
-        # One dynamic shared pool (16-bit words, one type for every kernel of the library): the
-        # K/V ring, then the warps' states for the merge (fp32).
-        ring = T.alloc_buffer((ring_elems + NWARP * GM * D * 2,), "uint16", scope="shared.dyn")
-        accw = T.decl_buffer((NWARP * GM * D,), "float32", data=ring.data, elem_offset=ring_elems // 2,
-                             scope="shared.dyn")
-        mw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
-        lw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
-        fw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
-        ms = T.alloc_buffer((GM,), "float32", scope="shared")
-        ls = T.alloc_buffer((GM,), "float32", scope="shared")
-        cum = T.alloc_buffer((cfg.max_batch + 1,), "int32", scope="shared")
-        wsum = T.alloc_buffer((NWARP,), "int32", scope="shared")
-        srch = T.alloc_buffer((2,), "int32", scope="local")
-        seen = T.alloc_buffer((1,), "int32", scope="local")
-        qw = T.alloc_buffer((NN * KS * 2,), "uint32", scope="local")
-        soff = T.alloc_buffer((op.sizes["CPL"],), "int32", scope="local")
-        goff = T.alloc_buffer((2,), "int64", scope="local")
-        gaddr = T.alloc_buffer((2,), "int64", scope="local")
-        # Flat views for address arithmetic done once per step (Q as 32-bit words).
-        KF = T.decl_buffer((skb * B,), dt, data=K.data)
-        VF = T.decl_buffer((svb * B,), dt, data=V.data)
-        QW = T.decl_buffer((sqb * B,), "uint32", data=Q.data)
-        acc = T.alloc_buffer((NN * KS * 4,), "float32", scope="local")
-        mrow = T.alloc_buffer((NN * 2,), "float32", scope="local")
-        lrow = T.alloc_buffer((NN * 2,), "float32", scope="local")
-        sc = T.alloc_buffer((NM * NN * 4,), "float32", scope="local")
-        ph = T.alloc_buffer((NM * NN * 4,), dt, scope="local")
-        pw = T.decl_buffer((NM * NN * 2,), "uint32", data=ph.data, scope="local")
-        pb = T.alloc_buffer((NM * NN * 2,), "uint32", scope="local")
-        af = T.alloc_buffer((4,), "uint32", scope="local")
-        red = T.alloc_buffer((3,), "float32", scope="local")
-        eo = T.alloc_buffer((E * 4,), "float32", scope="local")
-        w4 = T.alloc_buffer((CU * 4,), "float32", scope="local")
-        f4 = T.alloc_buffer((CU,), "float32", scope="local")
-        valid = T.alloc_buffer((NT,), "int32", scope="shared")
-        qr = T.alloc_buffer((2,), "int32", scope="local")
-        em = T.alloc_buffer((E,), "float32", scope="local")
-        el = T.alloc_buffer((E,), "float32", scope="local")
-        nh = T.meta_var(T.Cast("int32", HKV))
-        lane, warp = T.meta_var(T.truncmod(tx, 32)), T.meta_var(T.truncdiv(tx, 32))
-        ctx = T.meta_var(SimpleNamespace(
-            SL=SL, B=T.Cast("int32", B), H=nh, LMAX=T.Cast("int32", LMAX), CUM=cum, NW=num_workers,
-            SPLITS=num_splits, srch=srch, QR=qr, FLAGS=FLAGS, seen=seen, WSUM=wsum, VALID=valid, tx=tx, lane=lane,
-            warp=warp, bx=bx, grid=grid))
-        bufs = T.meta_var(SimpleNamespace(
-            Q=Q, K=K, V=V, O=O, LSE=LSE, WSO=WSO, WSML=WSML, HQ=T.Cast("int32", HQ), KF=KF, VF=VF, QW=QW,
-            sqb=sqb, sqh=sqh, skb=skb, skh=skh, skl=skl, svb=svb, svh=svh, svl=svl, soff=soff, goff=goff,
-            gaddr=gaddr,
-            G=T.truncdiv(T.Cast("int32", HQ), nh), RING=ring, ACCW=accw, MW=mw, LW=lw, FW=fw, MS=ms, LS=ls,
-            qw=qw, acc=acc, mrow=mrow, lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, red=red,
-            eo=eo, em=em, el=el, w4=w4, f4=f4, tx=tx, lane=lane, warp=warp,
-            scale_log2=softmax_scale * T.float32(LOG2E)))
-        walk(ctx, op, bufs)
+    @T.macro
+    def body(q, k, v, seq_lens, o, lse, ws_o, ws_ml, flags, softmax_scale, num_workers, num_splits, grid,
+             TRACE):
+            B, HQ, HKV, LMAX, WSN = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+            sqb, sqh, skb, skh, skl = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+            svb, svh, svl = T.int64(), T.int64(), T.int64()
+            Q = T.match_buffer(q, (B, HQ, d64), dt, strides=(sqb, sqh, one))
+            K = T.match_buffer(k, (B, HKV, LMAX, d64), dt, strides=(skb, skh, skl, one))
+            V = T.match_buffer(v, (B, HKV, LMAX, d64), dt, strides=(svb, svh, svl, one))
+            SL = T.match_buffer(seq_lens, (B,), "int32")
+            O = T.match_buffer(o, (B, HQ, d64), dt)
+            LSE = T.match_buffer(lse, (B, HQ), "float32")
+            WSO = T.match_buffer(ws_o, (WSN, g64, d64), "float32")
+            WSML = T.match_buffer(ws_ml, (WSN, two, g64), "float32")
+            FLAGS = T.match_buffer(flags, (WSN,), "int32")
+            bx = T.launch_thread("blockIdx.x", grid)
+            tx = T.launch_thread("threadIdx.x", NT)
+            # One dynamic shared pool (16-bit words, one type for every kernel of the library): the
+            # K/V ring, then the warps' states for the merge (fp32).
+            ring = T.alloc_buffer((ring_elems + NWARP * GM * D * 2,), "uint16", scope="shared.dyn")
+            accw = T.decl_buffer((NWARP * GM * D,), "float32", data=ring.data, elem_offset=ring_elems // 2,
+                                 scope="shared.dyn")
+            mw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
+            lw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
+            fw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
+            ms = T.alloc_buffer((GM,), "float32", scope="shared")
+            ls = T.alloc_buffer((GM,), "float32", scope="shared")
+            cum = T.alloc_buffer((cfg.max_batch + 1,), "int32", scope="shared")
+            wsum = T.alloc_buffer((NWARP,), "int32", scope="shared")
+            srch = T.alloc_buffer((2,), "int32", scope="local")
+            seen = T.alloc_buffer((1,), "int32", scope="local")
+            qw = T.alloc_buffer((NN * KS * 2,), "uint32", scope="local")
+            soff = T.alloc_buffer((op.sizes["CPL"],), "int32", scope="local")
+            goff = T.alloc_buffer((2,), "int64", scope="local")
+            gaddr = T.alloc_buffer((2,), "int64", scope="local")
+            # Flat views for address arithmetic done once per step (Q as 32-bit words).
+            KF = T.decl_buffer((skb * B,), dt, data=K.data)
+            VF = T.decl_buffer((svb * B,), dt, data=V.data)
+            QW = T.decl_buffer((sqb * B,), "uint32", data=Q.data)
+            acc = T.alloc_buffer((NN * KS * 4,), "float32", scope="local")
+            mrow = T.alloc_buffer((NN * 2,), "float32", scope="local")
+            lrow = T.alloc_buffer((NN * 2,), "float32", scope="local")
+            sc = T.alloc_buffer((NM * NN * 4,), "float32", scope="local")
+            ph = T.alloc_buffer((NM * NN * 4,), dt, scope="local")
+            pw = T.decl_buffer((NM * NN * 2,), "uint32", data=ph.data, scope="local")
+            pb = T.alloc_buffer((NM * NN * 2,), "uint32", scope="local")
+            af = T.alloc_buffer((4,), "uint32", scope="local")
+            red = T.alloc_buffer((3,), "float32", scope="local")
+            eo = T.alloc_buffer((E * 4,), "float32", scope="local")
+            w4 = T.alloc_buffer((CU * 4,), "float32", scope="local")
+            f4 = T.alloc_buffer((CU,), "float32", scope="local")
+            valid = T.alloc_buffer((NT,), "int32", scope="shared")
+            qr = T.alloc_buffer((2,), "int32", scope="local")
+            em = T.alloc_buffer((E,), "float32", scope="local")
+            el = T.alloc_buffer((E,), "float32", scope="local")
+            nh = T.meta_var(T.Cast("int32", HKV))
+            lane, warp = T.meta_var(T.truncmod(tx, 32)), T.meta_var(T.truncdiv(tx, 32))
+            ctx = T.meta_var(SimpleNamespace(
+                SL=SL, B=T.Cast("int32", B), H=nh, LMAX=T.Cast("int32", LMAX), CUM=cum, NW=num_workers,
+                SPLITS=num_splits, srch=srch, QR=qr, FLAGS=FLAGS, seen=seen, WSUM=wsum, VALID=valid, tx=tx, lane=lane,
+                warp=warp, bx=bx, grid=grid, TRACE=TRACE))
+            bufs = T.meta_var(SimpleNamespace(
+                Q=Q, K=K, V=V, O=O, LSE=LSE, WSO=WSO, WSML=WSML, HQ=T.Cast("int32", HQ), KF=KF, VF=VF, QW=QW,
+                sqb=sqb, sqh=sqh, skb=skb, skh=skh, skl=skl, svb=svb, svh=svh, svl=svl, soff=soff, goff=goff,
+                gaddr=gaddr,
+                G=T.truncdiv(T.Cast("int32", HQ), nh), RING=ring, ACCW=accw, MW=mw, LW=lw, FW=fw, MS=ms, LS=ls,
+                qw=qw, acc=acc, mrow=mrow, lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, red=red,
+                eo=eo, em=em, el=el, w4=w4, f4=f4, tx=tx, lane=lane, warp=warp,
+                scale_log2=softmax_scale * T.float32(LOG2E)))
+            walk(ctx, op, bufs)
+
+    if trace:
+        @T.prim_func(s_tir=True)
+        def lean_attention(q: T.handle, k: T.handle, v: T.handle, seq_lens: T.handle, o: T.handle,
+                           lse: T.handle, ws_o: T.handle, ws_ml: T.handle, flags: T.handle,
+                           softmax_scale: T.float32, num_workers: T.int32, num_splits: T.int32,
+                           grid: T.int32, trace_buf: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            TRACE = T.match_buffer(trace_buf, (grid, n_events), "uint64")
+            body(q, k, v, seq_lens, o, lse, ws_o, ws_ml, flags, softmax_scale, num_workers, num_splits,
+                 grid, TRACE)
+    else:
+        @T.prim_func(s_tir=True)
+        def lean_attention(q: T.handle, k: T.handle, v: T.handle, seq_lens: T.handle, o: T.handle,
+                           lse: T.handle, ws_o: T.handle, ws_ml: T.handle, flags: T.handle,
+                           softmax_scale: T.float32, num_workers: T.int32, num_splits: T.int32,
+                           grid: T.int32):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            body(q, k, v, seq_lens, o, lse, ws_o, ws_ml, flags, softmax_scale, num_workers, num_splits,
+                 grid, None)
 
     return lean_attention.with_attr("global_symbol", name or spec.name)

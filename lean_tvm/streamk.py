@@ -204,12 +204,31 @@ def cpu_walk(cfg: StreamKConfig):
     return walk
 
 
+GLOBALTIMER = """
+__forceinline__ __device__ unsigned long long lean_globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+"""
+# Trace events (the debug build records %globaltimer of thread 0 at each; later pieces overwrite).
+TRACE_EVENTS = ("start", "planned", "tile_begun", "prefetch_issued", "first_step_done", "piece_end",
+                "combined", "flags_acquired", "merged", "published", "done")
+
+
 def gpu_walk(cfg: StreamKConfig):
     """The persistent GPU form: CTAs walk workers bx, bx + grid, ...; per warp a cp.async
     pipeline ``stages`` deep runs over the whole range, across tile boundaries."""
     pm = plan_macros(cfg)
     bs, nt, stages, nwarps = cfg.block_size, cfg.num_threads, cfg.stages, cfg.num_warps
     full_mask = T.uint32(0xFFFFFFFF)
+
+    @T.macro
+    def trace(ctx, event):
+        if ctx.TRACE is not None:
+            if ctx.tx == 0:
+                ctx.TRACE[ctx.bx, TRACE_EVENTS.index(event)] = T.cuda.func_call(
+                    "lean_globaltimer", source_code=GLOBALTIMER, return_type="uint64")
 
     @T.macro
     def plan_setup(ctx):
@@ -270,16 +289,20 @@ def gpu_walk(cfg: StreamKConfig):
             if ctx.lane == 0:
                 ctx.WSUM[ctx.warp] = ctx.seen[0]
             rng2[3] = T.cuda.syncthreads_or(T.And(ctx.tx == nt - 1, in_tile))
+            trace(ctx, "flags_acquired")
             rng2[0] = 0
             for w in T.unroll(nwarps):
                 rng2[0] = rng2[0] + ctx.WSUM[w]
             op.merge_partials(bufs, rng2[2], rng2[0], ctx.VALID)
+            trace(ctx, "merged")
             rng2[2] = rng2[2] - nt
             T.tvm_storage_sync("shared")
 
     @T.macro
     def finish_piece(ctx, op, bufs, v, cur, pstart, rng2):
+        trace(ctx, "piece_end")
         op.combine(bufs)
+        trace(ctx, "combined")
         if cur[BLK] + 1 < cur[TEND]:
             # Contributor: publish; after the barrier one release store (cumulative over the
             # CTA's writes ordered before it by the barrier) raises the flag.
@@ -287,6 +310,7 @@ def gpu_walk(cfg: StreamKConfig):
             T.tvm_storage_sync("shared")
             if ctx.tx == 0:
                 T.ptx.st.release.gpu.global_.s32(T.address_of(ctx.FLAGS[v]), FLAG_SET)
+            trace(ctx, "published")
         else:
             if pstart[0] > cur[TSTART]:
                 reduce(ctx, op, bufs, v, cur[TSTART], rng2)
@@ -295,8 +319,10 @@ def gpu_walk(cfg: StreamKConfig):
 
     @T.macro
     def walk(ctx, op, bufs):
+        trace(ctx, "start")
         plan_setup(ctx)
         op.setup(bufs)
+        trace(ctx, "planned")
         for k in range(T.truncdiv(ctx.B - ctx.bx + ctx.grid - 1, ctx.grid)):
             if seq_len(ctx, ctx.bx + k * ctx.grid) == 0:
                 op.write_empty(bufs, ctx.bx + k * ctx.grid)
@@ -312,6 +338,7 @@ def gpu_walk(cfg: StreamKConfig):
                 # The tile's query first: its loads must not queue behind the KV prefetch.
                 pstart[0] = cur[BLK]
                 op.begin_tile(bufs, cur[SEQ], cur[HEAD])
+                trace(ctx, "tile_begun")
                 for j in T.unroll(5):
                     ld[j] = cur[j]
                 for s in T.unroll(stages - 1):
@@ -319,6 +346,7 @@ def gpu_walk(cfg: StreamKConfig):
                         load_step(ctx, op, bufs, s, ld)
                         pm["advance"](ctx, rng, ld)
                     T.ptx["cp.async.commit_group"]()
+                trace(ctx, "prefetch_issued")
                 for i in range(rng[1] - rng[0]):
                     if i + (stages - 1) < rng[1] - rng[0]:
                         load_step(ctx, op, bufs, T.truncmod(i + (stages - 1), stages), ld)
@@ -329,6 +357,8 @@ def gpu_walk(cfg: StreamKConfig):
                     op.compute(bufs, T.truncmod(i, stages), cur[SEQ], cur[HEAD], row0_of(cur, bs),
                                seq_len(ctx, cur[SEQ]))
                     T.cuda.warp_sync()
+                    if i == 0:
+                        trace(ctx, "first_step_done")
                     if piece_ends_at(rng, cur):
                         finish_piece(ctx, op, bufs, v, cur, pstart, rng2)
                         pm["advance"](ctx, rng, cur)
@@ -337,5 +367,7 @@ def gpu_walk(cfg: StreamKConfig):
                             op.begin_tile(bufs, cur[SEQ], cur[HEAD])
                     else:
                         pm["advance"](ctx, rng, cur)
+
+        trace(ctx, "done")
 
     return walk
