@@ -8,6 +8,9 @@ import dataclasses
 DTYPES = ("float16", "bfloat16")
 HEAD_DIMS = (64, 128, 256)
 MAX_GROUPS = (8, 16)
+# Phases the debug build stamps with %globaltimer (thread 0 of each CTA; later pieces overwrite).
+TRACE_EVENTS = ("start", "planned", "tile_begun", "prefetch_issued", "first_step_done", "piece_end",
+                "combined", "flags_acquired", "merged", "published", "done")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .spec import StreamKConfig
+from .spec import TRACE_EVENTS, StreamKConfig
 
 # Cursor layout (a local int32[5]): the block and the tile that holds it.
 BLK, SEQ, HEAD, TSTART, TEND = range(5)
@@ -211,9 +211,6 @@ __forceinline__ __device__ unsigned long long lean_globaltimer() {
   return t;
 }
 """
-# Trace events (the debug build records %globaltimer of thread 0 at each; later pieces overwrite).
-TRACE_EVENTS = ("start", "planned", "tile_begun", "prefetch_issued", "first_step_done", "piece_end",
-                "combined", "flags_acquired", "merged", "published", "done")
 
 
 def gpu_walk(cfg: StreamKConfig):
