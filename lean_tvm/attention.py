@@ -184,7 +184,7 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
     CPL = RW * CH // 32  # chunks per lane per matrix
     RPU = 32 // CH  # rows one warp-wide cp.async covers
     E = (GM * D + 4 * NT - 1) // (4 * NT)  # CTA-state quads (4 consecutive d of a head) per thread
-    CU = 4  # partials merged per unrolled step: their loads are in flight together
+    CU = 8  # partials merged per unrolled step: their loads are in flight together
     mma = MMA[dt]
     full = T.uint32(0xFFFFFFFF)
     ninf = T.float32(NEG_INF)
@@ -372,33 +372,33 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
 
     @T.macro
     def merge_partials(bufs, top, n, valid):
-        """Two passes over the partials (the new max, then the rescaled sums), CU at a time so
-        their loads overlap: a few L2 round trips however many CTAs shared the tile."""
+        """One online pass over the partials, CU at a time: their loads are issued together and
+        unconditionally (from a clamped, always-valid slot; invalid ones masked after the load),
+        so a tile shared by many CTAs costs a few L2 round trips, not one per partial."""
         for e in T.unroll(E):
             x = T.meta_var((e * NT + bufs.tx) * 4)
             hh = T.meta_var(T.truncdiv(x, D))
             if x < bufs.G * D:
-                bufs.red[0] = bufs.em[e]
                 for i0 in range(T.truncdiv(n + CU - 1, CU)):
                     for u in T.unroll(CU):
-                        if i0 * CU + u < n:
-                            if valid[i0 * CU + u] != 0:
-                                bufs.red[0] = T.max(bufs.red[0], bufs.WSML[top - i0 * CU - u, 0, hh])
-                bufs.red[1] = T.exp2(bufs.em[e] - bufs.red[0])
-                bufs.el[e] = bufs.el[e] * bufs.red[1]
-                for j in T.unroll(4):
-                    bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] * bufs.red[1]
-                for i0 in range(T.truncdiv(n + CU - 1, CU)):
+                        slot = T.meta_var(T.max(top - i0 * CU - u, 0))
+                        ok = T.meta_var(T.And(i0 * CU + u < n, valid[T.min(i0 * CU + u, NT - 1)] != 0))
+                        bufs.mc[u] = bufs.WSML[slot, 0, hh]
+                        bufs.lc[u] = bufs.WSML[slot, 1, hh]
+                        for j in T.vectorized(4):
+                            bufs.w4[u * 4 + j] = bufs.WSO[slot, hh, T.truncmod(x, D) + j]
+                        bufs.mc[u] = T.Select(ok, bufs.mc[u], ninf)
+                        bufs.lc[u] = T.Select(ok, bufs.lc[u], T.float32(0))
+                        for j in T.unroll(4):
+                            bufs.w4[u * 4 + j] = T.Select(ok, bufs.w4[u * 4 + j], T.float32(0))
                     for u in T.unroll(CU):
-                        if i0 * CU + u < n:
-                            if valid[i0 * CU + u] != 0:
-                                for j in T.vectorized(4):
-                                    bufs.w4[u * 4 + j] = bufs.WSO[top - i0 * CU - u, hh, T.truncmod(x, D) + j]
-                                bufs.f4[u] = T.exp2(bufs.WSML[top - i0 * CU - u, 0, hh] - bufs.red[0])
-                                bufs.el[e] = bufs.el[e] + bufs.WSML[top - i0 * CU - u, 1, hh] * bufs.f4[u]
-                                for j in T.unroll(4):
-                                    bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] + bufs.w4[u * 4 + j] * bufs.f4[u]
-                bufs.em[e] = bufs.red[0]
+                        bufs.red[0] = T.max(bufs.em[e], bufs.mc[u])  # finite: em is
+                        bufs.red[1] = T.exp2(bufs.em[e] - bufs.red[0])
+                        bufs.red[2] = T.exp2(bufs.mc[u] - bufs.red[0])
+                        bufs.el[e] = bufs.el[e] * bufs.red[1] + bufs.lc[u] * bufs.red[2]
+                        for j in T.unroll(4):
+                            bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] * bufs.red[1] + bufs.w4[u * 4 + j] * bufs.red[2]
+                        bufs.em[e] = bufs.red[0]
 
     @T.macro
     def write_output(bufs, b, h):
@@ -490,7 +490,8 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs(), name: str
             red = T.alloc_buffer((3,), "float32", scope="local")
             eo = T.alloc_buffer((E * 4,), "float32", scope="local")
             w4 = T.alloc_buffer((CU * 4,), "float32", scope="local")
-            f4 = T.alloc_buffer((CU,), "float32", scope="local")
+            mc = T.alloc_buffer((CU,), "float32", scope="local")
+            lc = T.alloc_buffer((CU,), "float32", scope="local")
             valid = T.alloc_buffer((NT,), "int32", scope="shared")
             qr = T.alloc_buffer((2,), "int32", scope="local")
             em = T.alloc_buffer((E,), "float32", scope="local")
@@ -507,7 +508,7 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs(), name: str
                 gaddr=gaddr,
                 G=T.truncdiv(T.Cast("int32", HQ), nh), RING=ring, ACCW=accw, MW=mw, LW=lw, FW=fw, MS=ms, LS=ls,
                 qw=qw, acc=acc, mrow=mrow, lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, red=red,
-                eo=eo, em=em, el=el, w4=w4, f4=f4, tx=tx, lane=lane, warp=warp,
+                eo=eo, em=em, el=el, w4=w4, mc=mc, lc=lc, tx=tx, lane=lane, warp=warp,
                 scale_log2=softmax_scale * T.float32(LOG2E)))
             walk(ctx, op, bufs)
 
