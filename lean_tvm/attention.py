@@ -381,16 +381,19 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
             if x < bufs.G * D:
                 for i0 in range(T.truncdiv(n + CU - 1, CU)):
                     for u in T.unroll(CU):
+                        # No branch may guard a load here (Select evaluates both sides, && would
+                        # not): nvcc then issues all CU partials' loads before the first use.
                         slot = T.meta_var(T.max(top - i0 * CU - u, 0))
-                        ok = T.meta_var(T.And(i0 * CU + u < n, valid[T.min(i0 * CU + u, NT - 1)] != 0))
+                        bufs.ok[u] = T.Select(i0 * CU + u < n, valid[T.min(i0 * CU + u, NT - 1)], 0)
                         bufs.mc[u] = bufs.WSML[slot, 0, hh]
                         bufs.lc[u] = bufs.WSML[slot, 1, hh]
                         for j in T.vectorized(4):
                             bufs.w4[u * 4 + j] = bufs.WSO[slot, hh, T.truncmod(x, D) + j]
-                        bufs.mc[u] = T.Select(ok, bufs.mc[u], ninf)
-                        bufs.lc[u] = T.Select(ok, bufs.lc[u], T.float32(0))
+                    for u in T.unroll(CU):
+                        bufs.mc[u] = T.Select(bufs.ok[u] != 0, bufs.mc[u], ninf)
+                        bufs.lc[u] = T.Select(bufs.ok[u] != 0, bufs.lc[u], T.float32(0))
                         for j in T.unroll(4):
-                            bufs.w4[u * 4 + j] = T.Select(ok, bufs.w4[u * 4 + j], T.float32(0))
+                            bufs.w4[u * 4 + j] = T.Select(bufs.ok[u] != 0, bufs.w4[u * 4 + j], T.float32(0))
                     for u in T.unroll(CU):
                         bufs.red[0] = T.max(bufs.em[e], bufs.mc[u])  # finite: em is
                         bufs.red[1] = T.exp2(bufs.em[e] - bufs.red[0])
@@ -492,6 +495,7 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs(), name: str
             w4 = T.alloc_buffer((CU * 4,), "float32", scope="local")
             mc = T.alloc_buffer((CU,), "float32", scope="local")
             lc = T.alloc_buffer((CU,), "float32", scope="local")
+            ok = T.alloc_buffer((CU,), "int32", scope="local")
             valid = T.alloc_buffer((NT,), "int32", scope="shared")
             qr = T.alloc_buffer((2,), "int32", scope="local")
             em = T.alloc_buffer((E,), "float32", scope="local")
@@ -508,7 +512,7 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs(), name: str
                 gaddr=gaddr,
                 G=T.truncdiv(T.Cast("int32", HQ), nh), RING=ring, ACCW=accw, MW=mw, LW=lw, FW=fw, MS=ms, LS=ls,
                 qw=qw, acc=acc, mrow=mrow, lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, red=red,
-                eo=eo, em=em, el=el, w4=w4, mc=mc, lc=lc, tx=tx, lane=lane, warp=warp,
+                eo=eo, em=em, el=el, w4=w4, mc=mc, lc=lc, ok=ok, tx=tx, lane=lane, warp=warp,
                 scale_log2=softmax_scale * T.float32(LOG2E)))
             walk(ctx, op, bufs)
 
