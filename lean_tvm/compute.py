@@ -1,0 +1,104 @@
+"""Decode attention as one unscheduled TensorIR definition: the semantics every schedule implements.
+
+One query token per sequence b; KV rows ``l < seq_lens[b]`` of the padded cache are visible, the
+rest (whatever they hold) never reach the result. Query head h reads KV head ``h // G`` (GQA).
+A sequence of length 0 gives o = 0 and lse = -inf, the empty state of ``lean_tvm.merge``.
+"""
+
+from __future__ import annotations
+
+import torch
+import tvm
+from tvm.script import tirx as T
+
+NEG_INF = float("-inf")
+
+
+def make_decode_attention(dtype: str, head_dim: int, group_size: int):
+    """(q [B, Hq, D], k/v [B, Hkv, Lmax, D], seq_lens int32 [B], o [B, Hq, D], lse [B, Hq] f32,
+    softmax_scale f32) with B, Hkv, Lmax symbolic and Hq = Hkv * group_size.
+
+    fp32 scores and accumulation, natural-log lse. The query-side buffers are indexed [b, h] and
+    the visibility test is ``visible``: a q_len axis (speculative or chunked decode) is one more
+    spatial axis after b, with the causal limit ``seq_lens[b] - q_len + 1 + i`` in ``visible``.
+    """
+    D, G = tvm.tirx.const(head_dim, "int64"), group_size
+    ninf = T.float32(NEG_INF)
+
+    def visible(SL, b, l):
+        return l < T.Cast("int64", SL[b])
+
+    @T.prim_func(s_tir=True)
+    def decode_attention(q: T.handle, k: T.handle, v: T.handle, seq_lens: T.handle, o: T.handle,
+                         lse: T.handle, softmax_scale: T.float32):
+        T.func_attr({"tirx.noalias": True})
+        B, HKV, LMAX = T.int64(), T.int64(), T.int64()
+        Q = T.match_buffer(q, (B, HKV * G, D), dtype)
+        K = T.match_buffer(k, (B, HKV, LMAX, D), dtype)
+        V = T.match_buffer(v, (B, HKV, LMAX, D), dtype)
+        SL = T.match_buffer(seq_lens, (B,), "int32")
+        O = T.match_buffer(o, (B, HKV * G, D), dtype)
+        LSE = T.match_buffer(lse, (B, HKV * G), "float32")
+        S = T.sblock_alloc_buffer((B, HKV * G, LMAX), "float32")  # q . k (unscaled, unmasked)
+        M = T.sblock_alloc_buffer((B, HKV * G), "float32")  # max visible logit (-inf: none)
+        P = T.sblock_alloc_buffer((B, HKV * G, LMAX), "float32")  # exp(logit - M), 0 where masked
+        Den = T.sblock_alloc_buffer((B, HKV * G), "float32")
+        Acc = T.sblock_alloc_buffer((B, HKV * G, D), "float32")
+        for b, h, l, d in T.grid(B, HKV * G, LMAX, D):
+            with T.sblock("S"):
+                vb, vh, vl, vd = T.axis.remap("SSSR", [b, h, l, d])
+                with T.init():
+                    S[vb, vh, vl] = T.float32(0)
+                S[vb, vh, vl] = S[vb, vh, vl] + T.Cast("float32", Q[vb, vh, vd]) * T.Cast(
+                    "float32", K[vb, vh // G, vl, vd])
+        for b, h, l in T.grid(B, HKV * G, LMAX):
+            with T.sblock("M"):
+                vb, vh, vl = T.axis.remap("SSR", [b, h, l])
+                with T.init():
+                    M[vb, vh] = ninf
+                M[vb, vh] = T.max(M[vb, vh], T.if_then_else(
+                    visible(SL, vb, vl), S[vb, vh, vl] * softmax_scale, ninf))
+        for b, h, l in T.grid(B, HKV * G, LMAX):
+            with T.sblock("P"):  # M is finite wherever a row is visible: no exp(-inf + inf)
+                vb, vh, vl = T.axis.remap("SSS", [b, h, l])
+                P[vb, vh, vl] = T.if_then_else(
+                    visible(SL, vb, vl), T.exp(S[vb, vh, vl] * softmax_scale - M[vb, vh]), T.float32(0))
+        for b, h, l in T.grid(B, HKV * G, LMAX):
+            with T.sblock("Den"):
+                vb, vh, vl = T.axis.remap("SSR", [b, h, l])
+                with T.init():
+                    Den[vb, vh] = T.float32(0)
+                Den[vb, vh] = Den[vb, vh] + P[vb, vh, vl]
+        for b, h, d, l in T.grid(B, HKV * G, D, LMAX):
+            with T.sblock("Acc"):
+                vb, vh, vd, vl = T.axis.remap("SSSR", [b, h, d, l])
+                with T.init():
+                    Acc[vb, vh, vd] = T.float32(0)
+                Acc[vb, vh, vd] = Acc[vb, vh, vd] + T.if_then_else(
+                    visible(SL, vb, vl), P[vb, vh, vl] * T.Cast("float32", V[vb, vh // G, vl, vd]), T.float32(0))
+        for b, h, d in T.grid(B, HKV * G, D):
+            with T.sblock("O"):
+                vb, vh, vd = T.axis.remap("SSS", [b, h, d])
+                O[vb, vh, vd] = T.Cast(dtype, T.if_then_else(
+                    Den[vb, vh] > T.float32(0), Acc[vb, vh, vd] / Den[vb, vh], T.float32(0)))
+        for b, h in T.grid(B, HKV * G):
+            with T.sblock("LSE"):
+                vb, vh = T.axis.remap("SS", [b, h])
+                LSE[vb, vh] = T.if_then_else(Den[vb, vh] > T.float32(0), M[vb, vh] + T.log(Den[vb, vh]), ninf)
+
+    return decode_attention.with_attr("global_symbol", f"decode_attention_{dtype}_d{head_dim}_g{group_size}")
+
+
+def decode_attention_reference(q, k, v, seq_lens, softmax_scale):
+    """float64 torch reference: q [B, Hq, D], k/v [B, Hkv, Lmax, D], seq_lens [B] ->
+    (o [B, Hq, D], lse [B, Hq]); rows at or past seq_lens[b] are ignored, empty -> (0, -inf)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    G = q.shape[1] // k.shape[1]
+    mask = torch.arange(k.shape[2], device=k.device) < seq_lens.to(k.device)[:, None].long()  # [B, Lmax]
+    k = torch.where(mask[:, None, :, None], k, 0.0).repeat_interleave(G, dim=1)
+    v = torch.where(mask[:, None, :, None], v, 0.0).repeat_interleave(G, dim=1)
+    s = torch.einsum("bhd,bhld->bhl", q, k) * softmax_scale
+    s = s.masked_fill(~mask[:, None, :], NEG_INF)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])  # empty rows: all 0
+    return torch.einsum("bhl,bhld->bhd", p, v), lse

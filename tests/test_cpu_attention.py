@@ -1,0 +1,101 @@
+"""LeanAttention's CPU form (the same walk, workers run in order) against float64.
+
+A pairwise subset of issue 3's grid (B 1..8, G 1/4/8, D 64/128/256, lengths 0..~70k, fp16 and
+bf16) covers every value of every axis; the long-context rows are marked ``slow``.
+"""
+
+import math
+
+import pytest
+import torch
+
+from lean_tvm import runtime
+from lean_tvm.reference import decode_attention_reference
+
+from helpers import assert_attention_close
+
+pytest.importorskip("tvm")  # the CPU library is built on first use
+
+CPU = torch.device("cpu")
+
+
+def run_case(batch, hq, hkv, head_dim, lens, dtype, num_ctas=None, num_splits=0, layout="bhld", qscale=1.0,
+             seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cache_len = max(max(lens), 1)
+    shape = (batch, hkv, cache_len, head_dim) if layout == "bhld" else (batch, cache_len, hkv, head_dim)
+    k = torch.randn(shape, generator=g).to(dtype)
+    v = torch.randn(shape, generator=g).to(dtype)
+    if layout == "blhd":
+        k, v = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+    q = (torch.randn(batch, hq, head_dim, generator=g) * qscale).to(dtype)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    out = torch.full((batch, hq, head_dim), float("nan"), dtype=dtype)
+    lse = torch.full((batch, hq), float("nan"))
+    scale = 1 / math.sqrt(head_dim)
+    runtime.launch_attention(q, k, v, lens_t, out, lse, scale, num_splits=num_splits, num_ctas=num_ctas)
+    ref_o, ref_lse = decode_attention_reference(q, k, v, lens, scale)
+    assert_attention_close(out, lse, ref_o, ref_lse, dtype)
+
+
+F16, BF16 = torch.float16, torch.bfloat16
+GRID = [  # (B, Hq, Hkv, D, lengths, dtype, workers)
+    (1, 8, 8, 64, [1], F16, 1),
+    (1, 4, 1, 128, [300], BF16, 5),
+    (2, 32, 4, 256, [0, 129], F16, 7),
+    (3, 8, 1, 64, [700, 0, 130], BF16, 40),
+    (4, 16, 4, 128, [64, 65, 1, 0], F16, 13),
+    (5, 8, 8, 256, [17, 300, 64, 0, 5], BF16, 3),
+    (8, 32, 4, 64, [1, 2, 3, 100, 200, 300, 63, 0], F16, 16),
+    (8, 8, 1, 128, [1000, 0, 1, 999, 64, 128, 7, 300], BF16, 132),
+    (2, 16, 2, 128, [2048, 1500], F16, 132),
+]
+
+
+@pytest.mark.parametrize("batch,hq,hkv,head_dim,lens,dtype,workers", GRID)
+def test_stream_k_cpu_matches_float64(batch, hq, hkv, head_dim, lens, dtype, workers):
+    run_case(batch, hq, hkv, head_dim, lens, dtype, num_ctas=workers)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 7])
+def test_fixed_split_and_no_split_cpu_match_float64(splits):
+    run_case(3, 16, 4, 128, [500, 0, 77], F16, num_splits=splits)
+
+
+def test_flash_attn_cache_layout_is_read_by_strides():
+    run_case(2, 8, 2, 64, [300, 45], BF16, num_ctas=9, layout="blhd")
+
+
+def test_large_logits_stay_finite():
+    run_case(2, 8, 2, 128, [1000, 3], F16, num_ctas=11, qscale=30.0)
+
+
+def test_gqa_group_sizes_up_to_sixteen():
+    run_case(2, 32, 2, 64, [300, 200], F16, num_ctas=6)
+
+
+def test_results_do_not_depend_on_the_partition():
+    """The same inputs under stream-K with 1..64 workers and a fixed split agree closely."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 8, 64, generator=g).half()
+    k = torch.randn(2, 2, 900, 64, generator=g).half()
+    v = torch.randn(2, 2, 900, 64, generator=g).half()
+    lens = torch.tensor([900, 333], dtype=torch.int32)
+    outs = []
+    for workers, splits in [(1, 0), (5, 0), (64, 0), (None, 4)]:
+        o = torch.empty(2, 8, 64, dtype=torch.float16)
+        lse = torch.empty(2, 8)
+        runtime.launch_attention(q, k, v, lens, o, lse, 0.125, num_splits=splits, num_ctas=workers)
+        outs.append(o.double())
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], atol=1e-3, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch,lens,dtype,head_dim,hq,hkv", [
+    (1, [70000], F16, 128, 8, 1),
+    (2, [65536, 4097], BF16, 64, 8, 8),
+    (4, [30000, 0, 1, 70000], F16, 256, 4, 1),
+])
+def test_long_contexts_cpu_match_float64(batch, lens, dtype, head_dim, hq, hkv):
+    run_case(batch, hq, hkv, head_dim, lens, dtype, num_ctas=132)
