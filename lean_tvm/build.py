@@ -98,6 +98,7 @@ def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_
                keep_source: bool = True) -> dict:
     """Generate, compile and describe one library for ``arch``; returns the manifest."""
     from .attention import make_gpu_kernel
+    from .gemv import GEMV_SPECS, make_gpu_gemv
 
     if arch not in SUPPORTED_ARCHS:
         raise BuildError(f"--arch: expected one of {SUPPORTED_ARCHS}, got {arch!r} "
@@ -114,6 +115,9 @@ def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_
                         "head_dim": spec.head_dim, "max_group": spec.max_group,
                         "knobs": dataclasses.asdict(knobs), "block_size": knobs.block_size,
                         "dynamic_smem_bytes": knobs.ring_bytes(spec)})
+    for gspec in GEMV_SPECS:
+        funcs[gspec.name] = make_gpu_gemv(gspec)
+        kernels.append({"name": gspec.name, "op": "gemv", **gspec.describe()})
     manifest = compile_library(arch, out_dir, funcs, kernels, keep_source)
     _log(f"done in {time.time() - t0:.0f} s")
     return manifest
@@ -172,6 +176,7 @@ def build_cpu(out_dir: str, specs: Sequence[AttentionSpec], block_size: int = 64
     import tvm
 
     from .attention import make_cpu_kernel
+    from .gemv import GEMV_SPECS, make_cpu_gemv
 
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
@@ -185,6 +190,10 @@ def build_cpu(out_dir: str, specs: Sequence[AttentionSpec], block_size: int = 64
         funcs[f.attrs["global_symbol"]] = f
         kernels.append({"name": f.attrs["global_symbol"], "op": "decode_attention", "dtype": spec.dtype,
                         "head_dim": spec.head_dim, "max_group": spec.max_group, "block_size": block_size})
+    for gspec in GEMV_SPECS:
+        f = make_cpu_gemv(gspec)
+        funcs[f.attrs["global_symbol"]] = f
+        kernels.append({"name": f.attrs["global_symbol"], "op": "gemv", **gspec.describe()})
     _log(f"TIR -> llvm ({len(funcs)} kernels)")
     ex = tvm.compile(tvm.IRModule(funcs), target="llvm")
     lib = os.path.join(out_dir, LIBRARY.format(arch="cpu"))

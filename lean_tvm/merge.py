@@ -91,7 +91,7 @@ def make_merge_kernel(dtype: str, head_dim: int):
                 with T.init():
                     Acc[vb, vh, vd] = T.float32(0)
                 Acc[vb, vh, vd] = Acc[vb, vh, vd] + T.if_then_else(
-                    LP[vs, vb, vh] > T.float32(-1e30) or True,
+                    LP[vs, vb, vh] > ninf,
                     T.Cast("float32", OP[vs, vb, vh, vd]) * T.exp(LP[vs, vb, vh] - M[vb, vh]), T.float32(0))
         for b, h, d in T.grid(B, H, d64):
             with T.sblock("O"):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .spec import GEMV_ROWS
+
 STREAM_K = 0
 LIBRARY = "lean_tvm_{arch}.so"
 MANIFEST = "manifest.json"
@@ -105,6 +107,7 @@ class Library:
                        k.get("knobs", {}).get("ctas_per_sm", 1))
             for k in self.manifest["kernels"] if k["op"] == "decode_attention"
         ]
+        self.gemv = {k["dtype"]: k["name"] for k in self.manifest["kernels"] if k["op"] == "gemv"}
         self._functions = {}
 
     def attention_kernel(self, dtype: str, head_dim: int, group: int) -> KernelInfo | None:
@@ -135,20 +138,21 @@ def library_for(device: torch.device) -> Library:
 
 class Workspace:
     """Partials and flags of the cross-block reduction, from torch's allocator, reused per
-    (device, stream). Flags start at zero and every launch leaves them at zero (each reducer
-    resets what it consumed), so replaying a captured CUDA graph needs no memset."""
+    (device, stream, shape of a partial). Flags start at zero and every launch leaves them at
+    zero (each reducer resets what it consumed), so replaying a captured CUDA graph needs no
+    memset."""
 
     def __init__(self):
-        self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._buffers: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
-    def get(self, device: torch.device, workers: int, max_group: int, head_dim: int):
+    def get(self, device: torch.device, workers: int, *partial_shapes: tuple[int, ...]):
+        """One fp32 tensor [workers, *shape] per partial shape, then the int32 flags [workers]."""
         stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
-        key = (str(device), stream, max_group, head_dim)
+        key = (str(device), stream, partial_shapes)
         bufs = self._buffers.get(key)
-        if bufs is None or bufs[2].shape[0] < workers:
+        if bufs is None or bufs[-1].shape[0] < workers:
             n = max(workers, 1)
-            bufs = (torch.empty(n, max_group, head_dim, device=device, dtype=torch.float32),
-                    torch.empty(n, 2, max_group, device=device, dtype=torch.float32),
+            bufs = (*(torch.empty(n, *shape, device=device, dtype=torch.float32) for shape in partial_shapes),
                     torch.zeros(n, device=device, dtype=torch.int32))
             self._buffers[key] = bufs
         return bufs
@@ -159,6 +163,34 @@ WORKSPACE = Workspace()
 
 def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _workers_and_grid(device, tiles: int, num_splits: int, num_ctas: int | None, ctas_per_sm: int):
+    resident = num_sms(device) * ctas_per_sm
+    if num_splits == STREAM_K:
+        workers = grid = num_ctas or resident
+    else:
+        workers = tiles * num_splits
+        grid = min(workers, num_ctas or resident)
+    if device.type == "cuda" and grid > resident:
+        raise ValueError(f"num_ctas: at most {resident} CTAs can be resident on this GPU "
+                         f"(the reducers wait on each other), got {grid}")
+    return workers, max(grid, 1)
+
+
+def launch_gemv(w, x, y, num_splits: int = STREAM_K, num_ctas: int | None = None) -> None:
+    """y = W x (w [N, K], x [K], y [N], fp16/bf16, K a multiple of 8) on the stream-K primitive."""
+    lib = library_for(w.device)
+    key = (str(w.device), w.shape[1])
+    if key not in _K_LENGTHS:
+        _K_LENGTHS[key] = torch.tensor([w.shape[1]], dtype=torch.int32, device=w.device)
+    workers, grid = _workers_and_grid(w.device, -(-w.shape[0] // GEMV_ROWS), num_splits, num_ctas, 1)
+    ws, flags = WORKSPACE.get(w.device, workers, (GEMV_ROWS,))
+    lib.function(lib.gemv[str(w.dtype).removeprefix("torch.")])(w, x, _K_LENGTHS[key], y, ws, flags, workers,
+                                                                 num_splits, grid)
+
+
+_K_LENGTHS: dict[tuple, torch.Tensor] = {}
 
 
 def launch_attention(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: float,
@@ -174,16 +206,7 @@ def launch_attention(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: flo
     batch, hq, head_dim = q.shape
     group = hq // k_cache.shape[1]
     info = kernel or lib.attention_kernel(str(q.dtype).removeprefix("torch."), head_dim, group)
-    resident = num_sms(device) * info.ctas_per_sm
-    if num_splits == STREAM_K:
-        workers = num_ctas or resident
-        grid = workers
-    else:
-        workers = batch * k_cache.shape[1] * num_splits
-        grid = min(workers, num_ctas or resident)
-    if device.type == "cuda" and grid > resident:
-        raise ValueError(f"num_ctas: at most {resident} CTAs can be resident on this GPU "
-                         f"(the reducers wait on each other), got {grid}")
-    ws_o, ws_ml, flags = WORKSPACE.get(device, workers, info.max_group, head_dim)
+    workers, grid = _workers_and_grid(device, batch * k_cache.shape[1], num_splits, num_ctas, info.ctas_per_sm)
+    ws_o, ws_ml, flags = WORKSPACE.get(device, workers, (info.max_group, head_dim), (2, info.max_group))
     lib.function(info.name)(q, k_cache, v_cache, seq_lens, out, lse, ws_o, ws_ml, flags,
-                            float(softmax_scale), workers, num_splits, max(grid, 1))
+                            float(softmax_scale), workers, num_splits, grid)

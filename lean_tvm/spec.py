@@ -8,6 +8,7 @@ import dataclasses
 DTYPES = ("float16", "bfloat16")
 HEAD_DIMS = (64, 128, 256)
 MAX_GROUPS = (8, 16)
+GEMV_ROWS = 16  # output rows per tile of the split-K GEMV
 # Phases the debug build stamps with %globaltimer (thread 0 of each CTA; later pieces overwrite).
 TRACE_EVENTS = ("start", "planned", "tile_begun", "prefetch_issued", "first_step_done", "piece_end",
                 "combined", "flags_acquired", "merged", "published", "done")
