@@ -7,7 +7,6 @@ A sequence of length 0 gives o = 0 and lse = -inf, the empty state of ``lean_tvm
 
 from __future__ import annotations
 
-import torch
 import tvm
 from tvm.script import tirx as T
 
@@ -87,18 +86,3 @@ def make_decode_attention(dtype: str, head_dim: int, group_size: int):
                 LSE[vb, vh] = T.if_then_else(Den[vb, vh] > T.float32(0), M[vb, vh] + T.log(Den[vb, vh]), ninf)
 
     return decode_attention.with_attr("global_symbol", f"decode_attention_{dtype}_d{head_dim}_g{group_size}")
-
-
-def decode_attention_reference(q, k, v, seq_lens, softmax_scale):
-    """float64 torch reference: q [B, Hq, D], k/v [B, Hkv, Lmax, D], seq_lens [B] ->
-    (o [B, Hq, D], lse [B, Hq]); rows at or past seq_lens[b] are ignored, empty -> (0, -inf)."""
-    q, k, v = (t.double() for t in (q, k, v))
-    G = q.shape[1] // k.shape[1]
-    mask = torch.arange(k.shape[2], device=k.device) < seq_lens.to(k.device)[:, None].long()  # [B, Lmax]
-    k = torch.where(mask[:, None, :, None], k, 0.0).repeat_interleave(G, dim=1)
-    v = torch.where(mask[:, None, :, None], v, 0.0).repeat_interleave(G, dim=1)
-    s = torch.einsum("bhd,bhld->bhl", q, k) * softmax_scale
-    s = s.masked_fill(~mask[:, None, :], NEG_INF)
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])  # empty rows: all 0
-    return torch.einsum("bhl,bhld->bhd", p, v), lse

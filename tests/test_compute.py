@@ -7,7 +7,8 @@ import pytest
 import torch
 import tvm
 
-from lean_tvm.compute import decode_attention_reference, make_decode_attention
+from lean_tvm.compute import make_decode_attention
+from lean_tvm.reference import decode_attention_reference
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 O_TOL = {"float16": (2e-3, 1e-2), "bfloat16": (1e-2, 2e-2)}  # (atol, rtol)
