@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Everything the GPU machine checks, in one call (a lent machine starts bare; keep calls few).
+# Needs: the library in $LEAN_TVM_LIB_DIR (python -m lean_tvm.build), the tvm-ffi wheel in .whl/.
+# Logs go to ${OUT:-gpu_out}/. Usage: bash scripts/gpu_checks.sh [tests] [sanitize] [llama] [tune]
+set -u
+out=${OUT:-gpu_out}; mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
+export PYTHONPATH=/tmp/site:$PWD LEAN_TVM_LIB_DIR=${LEAN_TVM_LIB_DIR:-build/sm_90a}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
+for step in "$@"; do
+  case $step in
+    tests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" | tail -15 ;;
+    sanitize)
+      for tool in memcheck racecheck synccheck; do
+        timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_check.py > "$out/sanitize_$tool.txt" 2>&1
+        echo "compute-sanitizer $tool: exit $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize_$tool.txt" | tail -1)"
+      done ;;
+    llama) timeout 300 python3 scripts/llama_decode.py 2>&1 | tee "$out/llama_decode.txt" | tail -8 ;;
+    tune) timeout 300 python3 -m lean_tvm.tune measure --lib build/tune_sm_90a --out "$out/tune.json" --reps 15 \
+            > "$out/tune_log.txt" 2>&1; echo "tune: exit $?" ;;
+  esac
+done
