@@ -68,6 +68,8 @@ def knobs_for(records: list[dict], spec: AttentionSpec, arch: str) -> GpuKnobs:
     raise ValueError(f"no schedule of {spec.name} fits the shared memory of {arch}")
 
 
-def record(spec: AttentionSpec, knobs: GpuKnobs, **measured) -> dict:
-    return {"dtype": spec.dtype, "head_dim": spec.head_dim, "max_group": spec.max_group,
-            "knobs": dataclasses.asdict(knobs), **measured}
+def record(spec: AttentionSpec, knobs: GpuKnobs, any_dtype: bool = False, **measured) -> dict:
+    """A record for ``spec``; with ``any_dtype`` it serves every dtype of that head dim and group."""
+    head = {} if any_dtype else {"dtype": spec.dtype}
+    return {**head, "head_dim": spec.head_dim, "max_group": spec.max_group, "knobs": dataclasses.asdict(knobs),
+            **measured}
