@@ -116,7 +116,7 @@ def select(results: dict, manifest: dict) -> list[dict]:
     """Per kernel family, the candidate with the best geometric mean of time / best time."""
     from .schedule_records import record
 
-    knobs_of = {k["name"]: k["knobs"] for k in manifest["kernels"]}
+    knobs_of = {k["name"]: k["knobs"] for k in manifest["kernels"] if k["op"] == "decode_attention"}
     by_family: dict[tuple, dict[str, dict[str, float]]] = {}
     for r in results["times"]:
         fam = (r["dtype"], r["head_dim"], r["max_group"])

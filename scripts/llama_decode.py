@@ -128,6 +128,14 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = Model(args, dev)
     x0 = torch.randn(args.batch, args.hidden, device=dev, dtype=getattr(torch, args.dtype))
+    # Correctness: one step from the same state (32 layers). Over many steps random-weight models
+    # amplify rounding differences chaotically, so the drift after --steps is only reported.
+    lens = torch.full((args.batch,), args.context, dtype=torch.int32, device=dev)
+    one = {name: model.step(x0, lens, args.context, attn).float() for name, attn in
+           [("sdpa", sdpa_attention), ("lean_tvm", lean_attention)]}
+    err1 = ((one["lean_tvm"] - one["sdpa"]).norm() / one["sdpa"].norm()).item()
+    print(f"one decode step through {args.layers} layers: relative difference lean_tvm vs sdpa {err1:.2e}")
+    assert err1 < 2e-2, err1
     results = {}
     for name, attn, graph in [("sdpa", sdpa_attention, False), ("lean_tvm", lean_attention, False),
                               ("lean_tvm + cuda graph", lean_attention, True)]:
@@ -138,8 +146,11 @@ def main(argv=None) -> int:
     ref = results["sdpa"][0]
     for name in ("lean_tvm", "lean_tvm + cuda graph"):
         err = ((results[name][0] - ref).norm() / ref.norm()).item()
-        print(f"{name}: relative difference to sdpa after {args.steps} steps {err:.2e}")
-        assert err < 5e-2, err
+        print(f"{name}: relative drift from sdpa after {args.steps} steps {err:.2e}")
+    graph_vs_eager = ((results["lean_tvm + cuda graph"][0] - results["lean_tvm"][0]).norm()
+                      / results["lean_tvm"][0].norm()).item()
+    print(f"lean_tvm graph replay vs eager after {args.steps} steps: {graph_vs_eager:.2e}")
+    assert graph_vs_eager < 1e-3, graph_vs_eager
     print(f"model: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads} x {args.head_dim}, "
           f"context {args.context}, batch {args.batch}, {args.dtype}, GPU {torch.cuda.get_device_name()}")
     return 0
