@@ -450,19 +450,20 @@ def make_case(shape: Shape, device: torch.device, seed: int) -> Case:
 
 
 def reference_float64(case: Case, chunk_bytes: int = 512 * M) -> torch.Tensor:
-    """Exact attention per sequence over its own rows, a few KV heads at a time (bounded memory)."""
-    s, q, k, v = case.shape, case.q, case.k, case.v
+    """The package's float64 reference, a sequence and a few KV heads at a time, so that a 512k
+    context does not need its whole cache in float64 at once."""
+    from .reference import decode_attention_reference
+
+    s = case.shape
     g = s.hq // s.hkv
-    out = torch.empty(s.batch, s.hq, s.head_dim, dtype=torch.float64, device=q.device)
+    out = torch.empty(s.batch, s.hq, s.head_dim, dtype=torch.float64, device=case.q.device)
     for b, n in enumerate(s.lens):
         step = max(1, chunk_bytes // (n * s.head_dim * 8))
         for h0 in range(0, s.hkv, step):
             h1 = min(s.hkv, h0 + step)
-            kk, vv = k[b, h0:h1, :n].double(), v[b, h0:h1, :n].double()
-            qq = q[b, h0 * g:h1 * g].double().view(h1 - h0, g, s.head_dim)
-            p = torch.softmax(torch.einsum("hgd,hld->hgl", qq, kk) * case.scale, dim=-1)
-            out[b, h0 * g:h1 * g] = torch.einsum("hgl,hld->hgd", p, vv).reshape(-1, s.head_dim)
-            del kk, vv, p
+            o, _ = decode_attention_reference(case.q[b:b + 1, h0 * g:h1 * g], case.k[b:b + 1, h0:h1],
+                                              case.v[b:b + 1, h0:h1], [n], case.scale)
+            out[b, h0 * g:h1 * g] = o[0]
     return out
 
 
@@ -474,10 +475,9 @@ def reference(case: Case) -> tuple[torch.Tensor, str]:
             o = torch.nn.functional.scaled_dot_product_attention(
                 case.q[:, :, None], case.k[:, :, :n], case.v[:, :, :n], scale=case.scale, enable_gqa=True)
             return o[:, :, 0].float(), "sdpa"
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except RuntimeError:
-            pass
+        except RuntimeError:  # no kernel for it, or out of memory (math's GQA expands K/V): float64
+            gc.collect()
+            torch.cuda.empty_cache()
     return reference_float64(case).float(), "float64"
 
 
@@ -529,6 +529,7 @@ def split_candidates(shape: Shape, block_size: int, max_group: int, workspace_ca
 
 
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION"}
+_SDPA_REASONS: dict[tuple[str, bool], str] = {}
 
 
 def sdpa_runner(case: Case, system: str) -> Runner:
@@ -560,8 +561,11 @@ def sdpa_runner(case: Case, system: str) -> Runner:
         except torch.cuda.OutOfMemoryError:
             raise
         except (RuntimeError, ValueError, NotImplementedError) as e:
-            why = "; ".join(dict.fromkeys(str(w.message).split("\n")[0] for w in caught)) or str(e).split("\n")[0]
-            raise Unsupported(f"SDPA {system} refused{' (padded + mask)' if mask is not None else ''}: {why}"
+            # torch states its reasons as warnings, some only once per process: keep the first seen
+            key = (system, mask is not None)
+            why = "; ".join(dict.fromkeys(str(w.message).strip().split("\n")[0] for w in caught))
+            why = _SDPA_REASONS.setdefault(key, why) if why else _SDPA_REASONS.get(key, str(e).split("\n")[0])
+            raise Unsupported(f"SDPA {system} refused{' (padded + mask)' if mask is not None else ''}: {why[:300]}"
                               ) from None
     return Runner(fn, lambda: box["o"][:, :, 0], context,
                   extra={"backend": "padded + mask" if mask is not None else ""})
@@ -572,9 +576,10 @@ class FlashInfer:
 
     def __init__(self, device: torch.device):
         self.device, self.error, self.wrappers, self.version = device, "", {}, ""
-        major, minor = torch.cuda.get_device_capability(device)
-        os.environ.setdefault("FLASHINFER_CUDA_ARCH_LIST", f"{major}.{minor}" + ("a" if major == 9 else ""))
         try:
+            if device.type == "cuda":  # what its JIT compiles for; sm_90 needs the "a" (wgmma) target
+                major, minor = torch.cuda.get_device_capability(device)
+                os.environ.setdefault("FLASHINFER_CUDA_ARCH_LIST", f"{major}.{minor}" + ("a" if major == 9 else ""))
             from flashinfer.decode import BatchDecodeWithPagedKVCacheWrapper
 
             try:
@@ -636,20 +641,21 @@ def paged_cache(case: Case) -> PagedCache:
 
 def flashinfer_runner(case: Case, fi: FlashInfer, paged: PagedCache, tensor_cores: bool) -> Runner:
     s = case.shape
-    w = fi.wrapper(tensor_cores)
+    w = None
 
     def plan():
         w.plan(paged.indptr, paged.indices, paged.last_page_len, s.hq, s.hkv, s.head_dim, PAGE_SIZE,
                pos_encoding_mode="NONE", q_data_type=case.q.dtype, kv_data_type=case.q.dtype, sm_scale=case.scale)
 
     try:
+        w = fi.wrapper(tensor_cores)
         plan()  # the first plan/run JIT-compiles the module (15-25 s), outside any timing
         out = torch.empty_like(case.q)
         w.run(case.q, (paged.k, paged.v), out=out)
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001
-        raise Unsupported(f"flashinfer{'-tc' if tensor_cores else ''} failed: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise Unsupported(f"flashinfer{'-tc' if tensor_cores else ''} failed: {type(e).__name__}: {first}") from None
     plan_us = []
     for _ in range(5):  # host time of plan() alone: once per decode step in a server
         torch.cuda.synchronize()
@@ -680,10 +686,15 @@ def host_reps(device_us: float) -> int:
     return int(min(500, max(20, 50_000 / max(device_us, 5.0)))) if finite(device_us) else 20
 
 
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def check(runner: Runner, case: Case) -> tuple[float, bool]:
     with runner.context():
         runner.fn()
-    torch.cuda.synchronize()
+    sync()
     err = rel_error(runner.output(), case.ref)
     return err, err <= tolerance(case.shape.dtype)
 
@@ -702,7 +713,9 @@ def graph_host_us(timer: Timer, runner: Runner, device_us: float) -> float:
     """Per-call wall time of replaying a CUDA graph of one call (one stream for every capture, so
     the lean workspace cached per stream is allocated once)."""
     dev = str(timer.device)
-    stream = _CAPTURE_STREAM.setdefault(dev, torch.cuda.Stream(timer.device))
+    if dev not in _CAPTURE_STREAM:
+        _CAPTURE_STREAM[dev] = torch.cuda.Stream(timer.device)
+    stream = _CAPTURE_STREAM[dev]
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
@@ -737,6 +750,7 @@ class Bench:
             torch.cuda.empty_cache()
 
     def _run_shape(self, shape: Shape, progress: Callable[[str], None]) -> list[dict]:
+        self.timer.warm_clocks(100.0)  # the GPU may have idled (data set-up, a JIT compile): clocks up
         case = make_case(shape, self.device, self.seed)
         case.ref, case.ref_kind = reference(case)
         stream = stream_runner(case, self.sink, self.sms * 4)
@@ -757,6 +771,9 @@ class Bench:
                 gc.collect()
                 torch.cuda.empty_cache()
                 results[system] = {"note": "out of memory"}
+            except Exception as e:  # noqa: BLE001 - one system's failure must not end a long run
+                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                results[system] = {"ok": False, "note": f"error: {type(e).__name__}: {first}"}
         after = self.timer.device_time(stream.fn, reps=self.reps)
         best = min(before, after, key=lambda st: st.median)
         spread = {"stream_before_us": before.median, "stream_after_us": after.median}
@@ -775,13 +792,19 @@ class Bench:
         elif system in SDPA_BACKENDS:
             runner = sdpa_runner(case, system)
         else:
+            t0 = time.perf_counter()
             runner = flashinfer_runner(case, self.fi, paged, tensor_cores=system == "flashinfer-tc")
+            if time.perf_counter() - t0 > 2.0:  # it JIT-compiled while the GPU idled
+                self.timer.warm_clocks(100.0)
         err, ok = check(runner, case)
         res = {"rel_err": err, "ok": ok, **{k: v for k, v in runner.extra.items() if k in FIELDS}}
         res.update(time_runner(self.timer, runner, self.reps))
-        if system == "lean":
-            res["graph_us"] = graph_host_us(self.timer, runner, res["median_us"])
         notes = [] if ok else [f"output differs from the {case.ref_kind} reference (rel. err {err:.2e})"]
+        if system == "lean":
+            try:
+                res["graph_us"] = graph_host_us(self.timer, runner, res["median_us"])
+            except Exception as e:  # noqa: BLE001 - the device time stands without it
+                notes.append(f"CUDA graph capture failed: {type(e).__name__}: {str(e)[:120]}")
         if res.get("backend"):
             notes.append(f"backend {res['backend']}")
         res["note"] = "; ".join(notes)
@@ -870,6 +893,11 @@ class Progress:
         except ImportError:
             self.bar = None
 
+    def finish_shape(self, steps: int) -> None:
+        """Account for a shape's systems that never started (a shape skipped for memory)."""
+        while self.done < steps:
+            self.step("")
+
     def step(self, label: str) -> None:
         self.done += 1
         if self.bar is not None:
@@ -921,6 +949,10 @@ def parse_args(argv: Sequence[str] | None = None):
     return p.parse_args(argv)
 
 
+def bench_device() -> torch.device | None:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     systems = parse_systems(args.only)
@@ -938,18 +970,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{s.name:40s} B={s.batch:3d} KV {s.kv_bytes / 1e6:9.1f} MB")
         print(f"{len(shapes)} shapes")
         return 0
-    if not torch.cuda.is_available():
+    device = bench_device()
+    if device is None:
         print("[bench] no CUDA device: the benchmark needs a GPU (--list and --replot do not)", file=sys.stderr)
         return 2
     if args.lib:
         os.environ["LEAN_TVM_LIB_DIR"] = os.path.abspath(args.lib)
-    device = torch.device("cuda", torch.cuda.current_device())
-    out = Path(args.out) if args.out else REPO / "bench" / "results" / gpu_dir_name(torch.cuda.get_device_name(device))
+    meta_gpu = torch.cuda.get_device_name(device)
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / gpu_dir_name(meta_gpu)
     rows = read_csv(out / "results.csv") if args.resume and (out / "results.csv").exists() else []
     done = {r["shape"] for r in rows}
     todo = [s for s in shapes if s.name not in done]
     bench = Bench(device, systems, args.reps, args.seed)
     meta = collect_meta(device, args, systems, bench.fi)
+    meta["rows_kept_from_earlier_run"] = len(rows)  # --resume: those rows carry an earlier run's clocks
     print(f"[bench] {meta['gpu']}, {len(todo)} shapes x {len(systems)} systems (+ stream) -> {out}", flush=True)
     bench.timer.warm_clocks()
     t0, progress = time.time(), Progress(len(todo) * len(systems))
@@ -959,6 +993,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stopped = len(todo) - i
             break
         shape_rows = bench.run_shape(shape, lambda system, s=shape: progress.step(f"{s.name} {system}"))
+        progress.finish_shape((i + 1) * len(systems))
         rows += shape_rows
         progress.write(summary_line(shape_rows))
         meta["clocks_after"] = gpu_clocks(device)
