@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU machine checks, in one call (a lent machine starts bare; keep calls few).
 # Needs: the library in $LEAN_TVM_LIB_DIR (python -m lean_tvm.build), the tvm-ffi wheel in .whl/.
-# Logs go to ${OUT:-gpu_out}/. Usage: bash scripts/gpu_checks.sh [tests] [sanitize] [llama] [tune]
+# Logs go to ${OUT:-gpu_out}/. Usage: bash scripts/gpu_checks.sh [tests] [sanitize] [llama] [bench] [tune]
+# (bench needs the FlashInfer payload in .gpu/fi: ../shared/tools/flashinfer_payload.sh .gpu/fi)
 set -u
 out=${OUT:-gpu_out}; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
@@ -11,11 +12,13 @@ for step in "$@"; do
   case $step in
     tests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" | tail -15 ;;
     sanitize)
-      for tool in memcheck racecheck synccheck; do
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
         timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_check.py > "$out/sanitize_$tool.txt" 2>&1
         echo "compute-sanitizer $tool: exit $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize_$tool.txt" | tail -1)"
       done ;;
     llama) timeout 300 python3 scripts/llama_decode.py 2>&1 | tee "$out/llama_decode.txt" | tail -8 ;;
+    bench) PYTHONPATH=$PWD/.gpu/fi:$PYTHONPATH FLASHINFER_CUDA_ARCH_LIST=9.0a timeout 420 python3 -m lean_tvm.bench \
+            ${BENCH_ARGS:---quick} --out "$out/bench" 2>&1 | tail -30 ;;
     tune) timeout 300 python3 -m lean_tvm.tune measure --lib build/tune_sm_90a --out "$out/tune.json" --reps 15 \
             > "$out/tune_log.txt" 2>&1; echo "tune: exit $?" ;;
   esac
