@@ -122,20 +122,18 @@ def _cpu_operator(spec: AttentionSpec, block_size: int):
                            write_output=write_output, write_empty=write_empty)
 
 
-def make_cpu_kernel(spec: AttentionSpec, block_size: int = 64):
+def make_cpu_kernel(spec: AttentionSpec, block_size: int = 64, dps: bool = False):
     """The serial stream-K form for ``llvm``: the package's CPU operator and the oracle that
-    checks the plan, the walk and the cross-block merge the GPU kernel shares."""
+    checks the plan, the walk and the cross-block merge the GPU kernel shares.
+
+    ``dps=True`` puts the outputs (o, lse) last, after the scalars, as Relax's call_tir wants."""
     GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
     op = _cpu_operator(spec, block_size)
     walk = streamk.cpu_walk(StreamKConfig(block_size=block_size))
     one, two, d64, g64 = (tvm.tirx.const(x, "int64") for x in (1, 2, D, GM))
 
-    @T.prim_func(s_tir=True)
-    def lean_attention(q: T.handle, k: T.handle, v: T.handle, seq_lens: T.handle, o: T.handle,
-                       lse: T.handle, ws_o: T.handle, ws_ml: T.handle, flags: T.handle,
-                       softmax_scale: T.float32, num_workers: T.int32, num_splits: T.int32,
-                       grid: T.int32):
-        T.func_attr({"tirx.noalias": True})
+    @T.macro
+    def body(q, k, v, seq_lens, o, lse, ws_o, ws_ml, flags, softmax_scale, num_workers, num_splits):
         B, HQ, HKV, LMAX, WSN = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         sqb, sqh, skb, skh, skl = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         svb, svh, svl = T.int64(), T.int64(), T.int64()
@@ -165,6 +163,22 @@ def make_cpu_kernel(spec: AttentionSpec, block_size: int = 64):
                                           m=m, l=l_, acc=acc, s=s, tmp=tmp,
                                           scale_log2=softmax_scale * T.float32(LOG2E)))
         walk(ctx, op, bufs)
+
+    if dps:
+        @T.prim_func(s_tir=True)
+        def lean_attention(q: T.handle, k: T.handle, v: T.handle, seq_lens: T.handle, ws_o: T.handle,
+                           ws_ml: T.handle, flags: T.handle, softmax_scale: T.float32, num_workers: T.int32,
+                           num_splits: T.int32, grid: T.int32, o: T.handle, lse: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            body(q, k, v, seq_lens, o, lse, ws_o, ws_ml, flags, softmax_scale, num_workers, num_splits)
+    else:
+        @T.prim_func(s_tir=True)
+        def lean_attention(q: T.handle, k: T.handle, v: T.handle, seq_lens: T.handle, o: T.handle,
+                           lse: T.handle, ws_o: T.handle, ws_ml: T.handle, flags: T.handle,
+                           softmax_scale: T.float32, num_workers: T.int32, num_splits: T.int32,
+                           grid: T.int32):
+            T.func_attr({"tirx.noalias": True})
+            body(q, k, v, seq_lens, o, lse, ws_o, ws_ml, flags, softmax_scale, num_workers, num_splits)
 
     return lean_attention.with_attr("global_symbol", spec.name + "_cpu")
 
@@ -428,11 +442,12 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
 
 
 def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs(), name: str | None = None,
-                    trace: bool = False):
+                    trace: bool = False, dps: bool = False):
     """The persistent CUDA kernel: grid = ``grid`` CTAs walking ``num_workers`` planned ranges.
 
     ``trace=True`` builds the debug variant with one more argument, ``trace: uint64[grid,
-    len(streamk.TRACE_EVENTS)]``, filled with %globaltimer stamps of each CTA's phases."""
+    len(streamk.TRACE_EVENTS)]``, filled with %globaltimer stamps of each CTA's phases.
+    ``dps=True`` puts the outputs (o, lse) last, after the scalars, as Relax's call_tir wants."""
     GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
     cfg = knobs.streamk_config()
     RW, NWARP, S, NT = knobs.rows_per_warp, knobs.num_warps, knobs.stages, cfg.num_threads
@@ -516,7 +531,15 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs(), name: str
                 scale_log2=softmax_scale * T.float32(LOG2E)))
             walk(ctx, op, bufs)
 
-    if trace:
+    if dps:
+        @T.prim_func(s_tir=True)
+        def lean_attention(q: T.handle, k: T.handle, v: T.handle, seq_lens: T.handle, ws_o: T.handle,
+                           ws_ml: T.handle, flags: T.handle, softmax_scale: T.float32, num_workers: T.int32,
+                           num_splits: T.int32, grid: T.int32, o: T.handle, lse: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            body(q, k, v, seq_lens, o, lse, ws_o, ws_ml, flags, softmax_scale, num_workers, num_splits,
+                 grid, None)
+    elif trace:
         @T.prim_func(s_tir=True)
         def lean_attention(q: T.handle, k: T.handle, v: T.handle, seq_lens: T.handle, o: T.handle,
                            lse: T.handle, ws_o: T.handle, ws_ml: T.handle, flags: T.handle,
