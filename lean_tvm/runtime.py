@@ -165,6 +165,7 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+
 def _workers_and_grid(device, tiles: int, num_splits: int, num_ctas: int | None, ctas_per_sm: int):
     resident = num_sms(device) * ctas_per_sm
     if num_splits == STREAM_K:
@@ -193,20 +194,34 @@ def launch_gemv(w, x, y, num_splits: int = STREAM_K, num_ctas: int | None = None
 _K_LENGTHS: dict[tuple, torch.Tensor] = {}
 
 
+_LAUNCHES: dict[tuple, tuple] = {}
+
+
 def launch_attention(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: float,
                      num_splits: int = STREAM_K, num_ctas: int | None = None,
                      kernel: KernelInfo | None = None) -> None:
     """Run the kernel on already-validated tensors (q [B, Hq, D], caches [B, Hkv, L, D] views).
 
     ``num_splits == 0``: stream-K over ``num_ctas`` (default: every SM x CTAs per SM);
-    ``num_splits = S``: fixed split into S chunks per tile (1 = no split).
+    ``num_splits = S``: fixed split into S chunks per tile (1 = no split). What depends only on
+    the shapes (kernel, workers, grid) is looked up once per shape: the per-call path is a dict
+    lookup, the workspace, and the tvm-ffi call.
     """
-    device = q.device
-    lib = library_for(device)
+    key = (q.device, q.dtype, q.shape, k_cache.shape[1], num_splits, num_ctas, kernel)
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        launch = _LAUNCHES[key] = _prepare_attention(q, k_cache.shape[1], num_splits, num_ctas, kernel)
+    fn, workers, grid, shapes = launch
+    ws_o, ws_ml, flags = WORKSPACE.get(q.device, workers, *shapes)
+    fn(q, k_cache, v_cache, seq_lens, out, lse, ws_o, ws_ml, flags, softmax_scale, workers, num_splits, grid)
+
+
+def _prepare_attention(q, hkv: int, num_splits: int, num_ctas: int | None, kernel: KernelInfo | None):
+    lib = library_for(q.device)
     batch, hq, head_dim = q.shape
-    group = hq // k_cache.shape[1]
-    info = kernel or lib.attention_kernel(str(q.dtype).removeprefix("torch."), head_dim, group)
-    workers, grid = _workers_and_grid(device, batch * k_cache.shape[1], num_splits, num_ctas, info.ctas_per_sm)
-    ws_o, ws_ml, flags = WORKSPACE.get(device, workers, (info.max_group, head_dim), (2, info.max_group))
-    lib.function(info.name)(q, k_cache, v_cache, seq_lens, out, lse, ws_o, ws_ml, flags,
-                            float(softmax_scale), workers, num_splits, grid)
+    info = kernel or lib.attention_kernel(str(q.dtype).removeprefix("torch."), head_dim, hq // hkv)
+    if info is None:
+        raise ValueError(f"no kernel in {lib.path} for {q.dtype}, head dim {head_dim}, {hq // hkv} query heads "
+                         f"per KV head (it has: {lib.supported()})")
+    workers, grid = _workers_and_grid(q.device, batch * hkv, num_splits, num_ctas, info.ctas_per_sm)
+    return lib.function(info.name), workers, grid, ((info.max_group, head_dim), (2, info.max_group))

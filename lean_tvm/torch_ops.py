@@ -130,13 +130,17 @@ def _run(q, k, v, cache_seqlens, softmax_scale, out, lse) -> None:
     runtime.launch_attention(q, k, v, lens, out, lse, softmax_scale)
 
 
-@torch.library.custom_op("lean_tvm::decode_attention", mutates_args=())
-def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         cache_seqlens: torch.Tensor | None, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _allocate_and_run(q, k, v, cache_seqlens, softmax_scale):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     _run(q, k, v, cache_seqlens, softmax_scale, out, lse)
     return out, lse
+
+
+@torch.library.custom_op("lean_tvm::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         cache_seqlens: torch.Tensor | None, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _allocate_and_run(q, k, v, cache_seqlens, softmax_scale)
 
 
 @_decode_attention_op.register_fake
@@ -175,14 +179,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """
     q3, k, v, scale, out3 = check_inputs(q, k_cache, v_cache, cache_seqlens, softmax_scale, layout, out,
                                          check_lengths)
+    # Traced (torch.compile) calls go through the registered ops; eager calls skip the dispatcher.
+    traced = torch.compiler.is_compiling()
     if out is None:
-        o, lse = torch.ops.lean_tvm.decode_attention(q3, k, v, cache_seqlens, scale)
+        if traced:
+            o, lse = torch.ops.lean_tvm.decode_attention(q3, k, v, cache_seqlens, scale)
+        else:
+            o, lse = _allocate_and_run(q3, k, v, cache_seqlens, scale)
         if q.dim() == 4:
             o = o.unsqueeze(1)
     else:
         o = out
         lse = torch.empty(q3.shape[:2], dtype=torch.float32, device=q3.device)
-        torch.ops.lean_tvm.decode_attention_out(q3, k, v, cache_seqlens, scale, out3, lse)
+        if traced:
+            torch.ops.lean_tvm.decode_attention_out(q3, k, v, cache_seqlens, scale, out3, lse)
+        else:
+            _run(q3, k, v, cache_seqlens, scale, out3, lse)
     return (o, lse) if return_lse else o
 
 
