@@ -82,6 +82,16 @@ def _build_into_cache(arch: str) -> Path:
     return target
 
 
+def _load_tvm_backend() -> None:
+    """The LLVM form allocates its scratch through TVM's backend API (TVMBackendAllocWorkspace),
+    which apache-tvm's runtime provides to modules loaded after it: import it first."""
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        raise LibraryNotFound("the CPU form of lean_tvm runs on apache-tvm's runtime: pip install apache-tvm "
+                              "(the GPU libraries need only apache-tvm-ffi)") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelInfo:
     name: str
@@ -98,6 +108,8 @@ class Library:
     def __init__(self, directory: Path):
         with open(directory / MANIFEST) as f:
             self.manifest = json.load(f)
+        if self.manifest["arch"] == "cpu":
+            _load_tvm_backend()
         import tvm_ffi
 
         self.path = (directory / self.manifest["library"]).resolve()
