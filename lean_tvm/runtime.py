@@ -159,7 +159,11 @@ class Workspace:
 
     def get(self, device: torch.device, workers: int, *partial_shapes: tuple[int, ...]):
         """One fp32 tensor [workers, *shape] per partial shape, then the int32 flags [workers]."""
-        stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+        if device.type == "cuda":
+            index = torch.cuda.current_device() if device.index is None else device.index
+            stream = torch._C._cuda_getCurrentRawStream(index)
+        else:
+            stream = 0
         key = (str(device), stream, partial_shapes)
         bufs = self._buffers.get(key)
         if bufs is None or bufs[-1].shape[0] < workers:
