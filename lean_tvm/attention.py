@@ -42,7 +42,7 @@ MMA = {
 
 
 def _cpu_operator(spec: AttentionSpec, block_size: int):
-    GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
+    D, dt = spec.head_dim, spec.dtype
 
     @T.macro
     def begin_tile(bufs, b, h):
@@ -303,7 +303,8 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                 if bufs.red[2] != T.float32(1):  # lazy: past the first blocks the max rarely moves
                     for kk in T.unroll(KS):
                         for i2 in T.unroll(2):
-                            bufs.acc[(nn * KS + kk) * 4 + j + 2 * i2] = bufs.acc[(nn * KS + kk) * 4 + j + 2 * i2] * bufs.red[2]
+                            x = T.meta_var((nn * KS + kk) * 4 + j + 2 * i2)
+                            bufs.acc[x] = bufs.acc[x] * bufs.red[2]
                 for mt in T.unroll(NM):
                     for i2 in T.unroll(2):
                         x = T.meta_var((mt * NN + nn) * 4 + j + 2 * i2)
@@ -348,7 +349,8 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                 for i in T.unroll(4):
                     head = T.meta_var(nn * 8 + 2 * t + T.truncmod(i, 2))
                     if head < bufs.G:
-                        bufs.ACCW[(warp * bufs.G + head) * D + kk * 16 + g + 8 * T.truncdiv(i, 2)] = bufs.acc[(nn * KS + kk) * 4 + i]
+                        d = T.meta_var(kk * 16 + g + 8 * T.truncdiv(i, 2))
+                        bufs.ACCW[(warp * bufs.G + head) * D + d] = bufs.acc[(nn * KS + kk) * 4 + i]
         T.tvm_storage_sync("shared")
         if tx < bufs.G:
             bufs.red[0] = ninf
@@ -441,7 +443,7 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                            write_empty=write_empty, sizes=dict(KS=KS, NM=NM, NN=NN, E=E, CU=CU, CPL=CPL))
 
 
-def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs(), name: str | None = None,
+def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs | None = None, name: str | None = None,
                     trace: bool = False, dps: bool = False):
     """The persistent CUDA kernel: grid = ``grid`` CTAs walking ``num_workers`` planned ranges.
 
@@ -449,6 +451,7 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs = GpuKnobs(), name: str
     len(streamk.TRACE_EVENTS)]``, filled with %globaltimer stamps of each CTA's phases.
     ``dps=True`` puts the outputs (o, lse) last, after the scalars, as Relax's call_tir wants."""
     GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
+    knobs = knobs or GpuKnobs()
     cfg = knobs.streamk_config()
     RW, NWARP, S, NT = knobs.rows_per_warp, knobs.num_warps, knobs.stages, cfg.num_threads
     op = _gpu_operator(spec, knobs)

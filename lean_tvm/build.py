@@ -22,8 +22,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .spec import DTYPES, HEAD_DIMS, MAX_GROUPS, AttentionSpec
 from .schedule_records import knobs_for, load_records
+from .spec import DTYPES, HEAD_DIMS, MAX_GROUPS, AttentionSpec
 
 SUPPORTED_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")  # mma bf16, cp.async, movmatrix
 LIBRARY = "lean_tvm_{arch}.so"

@@ -243,7 +243,7 @@ def draw(plans: Sequence[Plan], path: str, num_slots: int | None = None) -> None
 
     fig, axes = plt.subplots(len(plans), 1, figsize=(11, 3.2 * len(plans)), squeeze=False)
     cmap = plt.get_cmap("tab20")
-    for ax, plan in zip(axes[:, 0], plans):
+    for ax, plan in zip(axes[:, 0], plans, strict=True):
         slots = num_slots or plan.num_workers
         clock = np.zeros(slots, dtype=np.int64)
         for w, worker_pieces in enumerate(plan.pieces):

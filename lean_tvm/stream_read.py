@@ -39,6 +39,7 @@ def make_stream_read():
             for u in T.unroll(UNROLL):
                 for i in T.unroll(8):
                     acc[i] = acc[i] + T.Cast("float32", v[u, i])
-        O[T.truncmod(bx * THREADS + tx, 1 << 20)] = acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7]
+        total = T.meta_var(acc[0] + acc[1] + acc[2] + acc[3] + acc[4] + acc[5] + acc[6] + acc[7])
+        O[T.truncmod(bx * THREADS + tx, 1 << 20)] = total
 
     return stream_read.with_attr("global_symbol", NAME)

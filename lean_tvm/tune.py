@@ -98,18 +98,21 @@ def measure(lib_dir: str, out_path: str, reps: int = 20) -> dict:
             lens_t = torch.tensor(lens, dtype=torch.int32, device=dev)
             out = torch.empty_like(q)
             lse = torch.empty(batch, hq, device=dev)
+            args = (q, k_cache, v_cache, lens_t, out, lse, 1 / math.sqrt(head_dim))
             for info in kernels:
-                def call(info=info):
-                    runtime.launch_attention(q, k_cache, v_cache, lens_t, out, lse, 1 / math.sqrt(head_dim),
-                                             kernel=info)
-                st = timer.device_time(call, reps=reps)
+                st = timer.device_time(lambda info=info, args=args: runtime.launch_attention(*args, kernel=info),
+                                       reps=reps)
                 results["times"].append({"kernel": info.name, "dtype": dtype, "head_dim": head_dim,
                                          "max_group": max_group, "shape": shape, "us": st.median})
                 print(f"{info.name:60s} {shape:22s} {st.median:8.1f} us", flush=True)
-            del k_cache, v_cache
+            del args, k_cache, v_cache
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
     return results
+
+
+def _geomean_vs_best(times: dict[str, float], best: dict[str, float]) -> float:
+    return math.exp(sum(math.log(times[s] / best[s]) for s in best) / len(best))
 
 
 def select(results: dict, manifest: dict) -> list[dict]:
@@ -125,15 +128,11 @@ def select(results: dict, manifest: dict) -> list[dict]:
     for (dtype, head_dim, max_group), cands in by_family.items():
         shapes = set.intersection(*(set(v) for v in cands.values()))
         best = {s: min(c[s] for c in cands.values()) for s in shapes}
-
-        def score(times):
-            return math.exp(sum(math.log(times[s] / best[s]) for s in shapes) / len(shapes))
-
-        name = min(cands, key=lambda n: score(cands[n]))
+        name = min(cands, key=lambda n: _geomean_vs_best(cands[n], best))
         spec = AttentionSpec(dtype, head_dim, max_group)
         # The knobs do not depend on the dtype (only the mma's type does): one record serves both.
         records.append(record(spec, GpuKnobs(**knobs_of[name]), any_dtype=True,
-                              geomean_vs_best=round(score(cands[name]), 4),
+                              geomean_vs_best=round(_geomean_vs_best(cands[name], best), 4),
                               times_us={s: round(cands[name][s], 2) for s in sorted(shapes)},
                               measured_on=results["gpu"], date=results["date"]))
     return records

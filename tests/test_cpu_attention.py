@@ -8,11 +8,10 @@ import math
 
 import pytest
 import torch
+from helpers import assert_attention_close
 
 from lean_tvm import runtime
 from lean_tvm.reference import decode_attention_reference
-
-from helpers import assert_attention_close
 
 pytest.importorskip("tvm")  # the CPU library is built on first use
 

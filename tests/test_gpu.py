@@ -10,12 +10,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_attention_close
 
 import lean_tvm
 from lean_tvm import runtime
 from lean_tvm.reference import decode_attention_reference
-
-from helpers import assert_attention_close
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 F16, BF16 = torch.float16, torch.bfloat16

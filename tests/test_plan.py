@@ -17,7 +17,7 @@ def assert_covers_every_block_once(p: P.Plan) -> None:
 
 def assert_order_rule(p: P.Plan) -> None:
     """Reducers wait only on lower workers; each worker publishes at most once, before it reduces."""
-    for w, worker_pieces in enumerate(p.pieces):
+    for worker_pieces in p.pieces:
         kinds = [piece.kind for piece in worker_pieces]
         assert kinds.count(P.PieceKind.CONTRIBUTOR) <= 1
         assert kinds.count(P.PieceKind.REDUCER) <= 1
