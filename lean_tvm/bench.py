@@ -871,7 +871,7 @@ def collect_meta(device: torch.device, args, systems: Sequence[str], fi: FlashIn
         "gpu": props.name, "sms": props.multi_processor_count, "l2_bytes": getattr(props, "L2_cache_size", None),
         "memory_bytes": props.total_memory, "capability": f"{props.major}.{props.minor}",
         "clocks_before": gpu_clocks(device), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "tvm_ffi": ffi_version, "lean_library": str(lib.path), "lean_library_sha256": so_sha,
+        "tvm_ffi": ffi_version, "lean_library": lib.path.name, "lean_library_sha256": so_sha,
         "lean_source_sha256": lib.manifest.get("source_sha256"), "lean_built": lib.manifest.get("built"),
         "flashinfer": (fi.version or fi.error) if fi else "not run", "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
