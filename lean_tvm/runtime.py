@@ -197,6 +197,7 @@ def _workers_and_grid(device, tiles: int, num_splits: int, num_ctas: int | None,
 
 def launch_gemv(w, x, y, num_splits: int = STREAM_K, num_ctas: int | None = None) -> None:
     """y = W x (w [N, K], x [K], y [N], fp16/bf16, K a multiple of 8) on the stream-K primitive."""
+    _check_gemv(w, x, y)
     lib = library_for(w.device)
     key = (str(w.device), w.shape[1])
     if key not in _K_LENGTHS:
@@ -208,6 +209,22 @@ def launch_gemv(w, x, y, num_splits: int = STREAM_K, num_ctas: int | None = None
 
 
 _K_LENGTHS: dict[tuple, torch.Tensor] = {}
+
+
+def _check_gemv(w, x, y) -> None:
+    """Argument errors before any launch (the kernel copies 16-byte chunks of W's rows)."""
+    if w.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"w.dtype: expected float16 or bfloat16, got {w.dtype}")
+    for t, name in ((x, "x"), (y, "y")):
+        if t.dtype != w.dtype:
+            raise TypeError(f"{name}.dtype: expected {w.dtype} like w, got {t.dtype}")
+        if t.device != w.device:
+            raise ValueError(f"{name}.device: expected {w.device} like w, got {t.device}")
+    if w.dim() != 2 or not w.is_contiguous() or w.shape[1] % 8:
+        raise ValueError(f"w: expected a contiguous [N, K] matrix with K a multiple of 8, got {tuple(w.shape)}")
+    if x.shape != (w.shape[1],) or y.shape != (w.shape[0],):
+        raise ValueError(f"x, y: expected shapes ({w.shape[1]},) and ({w.shape[0]},), got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}")
 
 
 _LAUNCHES: dict[tuple, tuple] = {}

@@ -29,3 +29,15 @@ def test_stream_k_gemv_matches_numpy(n, k, workers, splits, dtype):
     ref = w.double().numpy() @ x.double().numpy()
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
     np.testing.assert_allclose(y.double().numpy(), ref, atol=tol * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.parametrize("w,x,y,exc", [
+    (torch.randn(16, 64), torch.randn(64), torch.empty(16), TypeError),
+    (torch.randn(16, 64).half(), torch.randn(64).bfloat16(), torch.empty(16).half(), TypeError),
+    (torch.randn(16, 60).half(), torch.randn(60).half(), torch.empty(16).half(), ValueError),
+    (torch.randn(16, 64).half(), torch.randn(32).half(), torch.empty(16).half(), ValueError),
+    (torch.randn(64, 16).half().t(), torch.randn(64).half(), torch.empty(16).half(), ValueError),
+])
+def test_bad_gemv_arguments_are_rejected(w, x, y, exc):
+    with pytest.raises(exc):
+        runtime.launch_gemv(w, x, y)
