@@ -30,6 +30,7 @@ from .spec import AttentionSpec, GpuKnobs, StreamKConfig
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NEG_INF = float("-inf")
+LSE_NATURAL = (LN2, NEG_INF)  # lse output: factor from log2 units, and the value for an empty sequence
 MMA = {
     "float16": "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
     "bfloat16": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
@@ -107,14 +108,14 @@ def _cpu_operator(spec: AttentionSpec, block_size: int):
     @T.macro
     def write_output(bufs, b, h):
         for g in range(bufs.G):
-            bufs.LSE[b, h * bufs.G + g] = (bufs.m[g] + T.log2(bufs.l[g])) * T.float32(LN2)
+            bufs.LSE[b, h * bufs.G + g] = (bufs.m[g] + T.log2(bufs.l[g])) * T.float32(bufs.lse_unit)
             for d in range(D):
                 bufs.O[b, h * bufs.G + g, d] = T.Cast(dt, bufs.acc[g * D + d] / bufs.l[g])
 
     @T.macro
     def write_empty(bufs, b):
         for hq in range(bufs.HQ):
-            bufs.LSE[b, hq] = T.float32(NEG_INF)
+            bufs.LSE[b, hq] = T.float32(bufs.lse_empty)
             for d in range(D):
                 bufs.O[b, hq, d] = T.Cast(dt, T.float32(0))
 
@@ -161,7 +162,8 @@ def make_cpu_kernel(spec: AttentionSpec, block_size: int = 64, dps: bool = False
         bufs = T.meta_var(SimpleNamespace(Q=Q, K=K, V=V, O=O, LSE=LSE, WSO=WSO, WSML=WSML,
                                           HQ=T.Cast("int32", HQ), G=T.truncdiv(T.Cast("int32", HQ), nh),
                                           m=m, l=l_, acc=acc, s=s, tmp=tmp,
-                                          scale_log2=softmax_scale * T.float32(LOG2E)))
+                                          scale_log2=softmax_scale * T.float32(LOG2E),
+                                          lse_unit=LSE_NATURAL[0], lse_empty=LSE_NATURAL[1]))
         walk(ctx, op, bufs)
 
     if dps:
@@ -239,23 +241,22 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
     @T.macro
     def load(bufs, stage, b, h, row0, n):
         """cp.async this warp's RW rows of the block; rows past the length are zero-filled
-        (src-size 0, from the tile's first row: an address that is always valid)."""
+        (src-size 0, from an address the cache's addressing says is always valid)."""
         rbase = T.meta_var(row0 + bufs.warp * RW)
         left = T.meta_var(n - rbase - T.truncdiv(bufs.lane, CH))  # rows from the lane's first
-        kt = T.meta_var(T.Cast("int64", b) * bufs.skb + T.Cast("int64", h) * bufs.skh)
-        vt = T.meta_var(T.Cast("int64", b) * bufs.svb + T.Cast("int64", h) * bufs.svh)
-        bufs.gaddr[0] = kt + T.Cast("int64", rbase) * bufs.skl + bufs.goff[0]
-        bufs.gaddr[1] = vt + T.Cast("int64", rbase) * bufs.svl + bufs.goff[1]
+        bufs.rows(bufs, b, h, rbase)
         sbase = T.meta_var((bufs.warp * S + stage) * 2 * RW * D)
         for u in T.unroll(CPL):
             ok = T.meta_var(u * RPU < left)
             T.ptx["cp.async.cg.shared.global"](
                 T.address_of(bufs.RING[sbase + bufs.soff[u]]),
-                T.address_of(bufs.KF[T.if_then_else(ok, bufs.gaddr[0] + T.Cast("int64", u * RPU) * bufs.skl, kt)]),
+                T.address_of(bufs.KF[T.if_then_else(ok, bufs.gaddr[0] + T.Cast("int64", u * RPU) * bufs.skl,
+                                                    bufs.gaddr[2])]),
                 16, T.if_then_else(ok, T.uint32(16), T.uint32(0)))
             T.ptx["cp.async.cg.shared.global"](
                 T.address_of(bufs.RING[sbase + RW * D + bufs.soff[u]]),
-                T.address_of(bufs.VF[T.if_then_else(ok, bufs.gaddr[1] + T.Cast("int64", u * RPU) * bufs.svl, vt)]),
+                T.address_of(bufs.VF[T.if_then_else(ok, bufs.gaddr[1] + T.Cast("int64", u * RPU) * bufs.svl,
+                                                    bufs.gaddr[3])]),
                 16, T.if_then_else(ok, T.uint32(16), T.uint32(0)))
 
     @T.macro
@@ -428,7 +429,8 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                     bufs.O[b, h * bufs.G + T.truncdiv(x, D), T.truncmod(x, D) + j] = T.Cast(
                         dt, bufs.eo[e * 4 + j] / bufs.el[e])
                 if T.truncmod(x, D) == 0:
-                    bufs.LSE[b, h * bufs.G + T.truncdiv(x, D)] = (bufs.em[e] + T.log2(bufs.el[e])) * T.float32(LN2)
+                    bufs.LSE[b, h * bufs.G + T.truncdiv(x, D)] = (bufs.em[e] + T.log2(bufs.el[e])) * T.float32(
+                        bufs.lse_unit)
 
     @T.macro
     def write_empty(bufs, b):
@@ -436,103 +438,131 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
             if k * NT + bufs.tx < bufs.HQ * D:
                 bufs.O[b, T.truncdiv(k * NT + bufs.tx, D), T.truncmod(k * NT + bufs.tx, D)] = T.Cast(dt, T.float32(0))
                 if T.truncmod(k * NT + bufs.tx, D) == 0:
-                    bufs.LSE[b, T.truncdiv(k * NT + bufs.tx, D)] = ninf
+                    bufs.LSE[b, T.truncdiv(k * NT + bufs.tx, D)] = T.float32(bufs.lse_empty)
 
     return SimpleNamespace(setup=setup, begin_tile=begin_tile, load=load, compute=compute, combine=combine,
                            publish=publish, merge_partials=merge_partials, write_output=write_output,
                            write_empty=write_empty, sizes=dict(KS=KS, NM=NM, NN=NN, E=E, CU=CU, CPL=CPL))
 
 
+@T.macro
+def dense_rows(bufs, b, h, rbase):
+    """K/V as strided [B, Hkv, L, D] tensors: gaddr = the lane's first K and V chunks of rows
+    rbase.. of tile (b, h), then row 0 of the tile (always valid: the zero-fill source)."""
+    bufs.gaddr[2] = T.Cast("int64", b) * bufs.skb + T.Cast("int64", h) * bufs.skh
+    bufs.gaddr[3] = T.Cast("int64", b) * bufs.svb + T.Cast("int64", h) * bufs.svh
+    bufs.gaddr[0] = bufs.gaddr[2] + T.Cast("int64", rbase) * bufs.skl + bufs.goff[0]
+    bufs.gaddr[1] = bufs.gaddr[3] + T.Cast("int64", rbase) * bufs.svl + bufs.goff[1]
+
+
+def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse=LSE_NATURAL):
+    """The persistent kernel's body for any K/V addressing. ``src`` holds the inputs: QW (q as
+    32-bit words) with strides sqb, sqh; KF, VF (flat K and V) with strides skb, skh, skl, svb,
+    svh, svl (skl, svl: between rows of one warp's slice); SL (lengths, indexable), B, HQ, HKV,
+    LMAX (int32); ``rows``, a macro like :func:`dense_rows`; and any buffers ``rows`` reads.
+    ``lse`` = (factor from log2 units, value for an empty sequence) of the lse output."""
+    GM, D = spec.max_group, spec.head_dim
+    cfg = knobs.streamk_config()
+    NWARP, NT = knobs.num_warps, cfg.num_threads
+    op = _gpu_operator(spec, knobs)
+    KS, NM, NN, E, CU = (op.sizes[k] for k in ("KS", "NM", "NN", "E", "CU"))
+    walk = streamk.gpu_walk(cfg)
+    ring_elems = NWARP * knobs.stages * 2 * knobs.rows_per_warp * D
+
+    @T.macro
+    def kernel(src, O, LSE, WSO, WSML, FLAGS, softmax_scale, num_workers, num_splits, grid, TRACE):
+        bx = T.launch_thread("blockIdx.x", grid)
+        tx = T.launch_thread("threadIdx.x", NT)
+        # One dynamic shared pool (16-bit words, one type for every kernel of the library): the
+        # K/V ring, then the warps' states for the merge (fp32).
+        ring = T.alloc_buffer((ring_elems + NWARP * GM * D * 2,), "uint16", scope="shared.dyn")
+        accw = T.decl_buffer((NWARP * GM * D,), "float32", data=ring.data, elem_offset=ring_elems // 2,
+                             scope="shared.dyn")
+        mw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
+        lw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
+        fw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
+        ms = T.alloc_buffer((GM,), "float32", scope="shared")
+        ls = T.alloc_buffer((GM,), "float32", scope="shared")
+        cum = T.alloc_buffer((cfg.max_batch + 1,), "int32", scope="shared")
+        wsum = T.alloc_buffer((NWARP,), "int32", scope="shared")
+        valid = T.alloc_buffer((NT,), "int32", scope="shared")
+        srch = T.alloc_buffer((2,), "int32", scope="local")
+        seen = T.alloc_buffer((1,), "int32", scope="local")
+        qr = T.alloc_buffer((2,), "int32", scope="local")
+        qw = T.alloc_buffer((NN * KS * 2,), "uint32", scope="local")
+        soff = T.alloc_buffer((op.sizes["CPL"],), "int32", scope="local")
+        goff = T.alloc_buffer((2,), "int64", scope="local")
+        gaddr = T.alloc_buffer((4,), "int64", scope="local")
+        acc = T.alloc_buffer((NN * KS * 4,), "float32", scope="local")
+        mrow = T.alloc_buffer((NN * 2,), "float32", scope="local")
+        lrow = T.alloc_buffer((NN * 2,), "float32", scope="local")
+        sc = T.alloc_buffer((NM * NN * 4,), "float32", scope="local")
+        ph = T.alloc_buffer((NM * NN * 4,), spec.dtype, scope="local")
+        pw = T.decl_buffer((NM * NN * 2,), "uint32", data=ph.data, scope="local")
+        pb = T.alloc_buffer((NM * NN * 2,), "uint32", scope="local")
+        af = T.alloc_buffer((4,), "uint32", scope="local")
+        red = T.alloc_buffer((3,), "float32", scope="local")
+        eo = T.alloc_buffer((E * 4,), "float32", scope="local")
+        em = T.alloc_buffer((E,), "float32", scope="local")
+        el = T.alloc_buffer((E,), "float32", scope="local")
+        w4 = T.alloc_buffer((CU * 4,), "float32", scope="local")
+        mc = T.alloc_buffer((CU,), "float32", scope="local")
+        lc = T.alloc_buffer((CU,), "float32", scope="local")
+        ok = T.alloc_buffer((CU,), "int32", scope="local")
+        lane, warp = T.meta_var(T.truncmod(tx, 32)), T.meta_var(T.truncdiv(tx, 32))
+        ctx = T.meta_var(SimpleNamespace(
+            SL=src.SL, B=src.B, H=src.HKV, LMAX=src.LMAX, CUM=cum, NW=num_workers, SPLITS=num_splits, srch=srch,
+            QR=qr, FLAGS=FLAGS, seen=seen, WSUM=wsum, VALID=valid, tx=tx, lane=lane, warp=warp, bx=bx, grid=grid,
+            TRACE=TRACE))
+        bufs = T.meta_var(SimpleNamespace(
+            **vars(src), O=O, LSE=LSE, WSO=WSO, WSML=WSML, G=T.truncdiv(src.HQ, src.HKV), soff=soff, goff=goff,
+            gaddr=gaddr, RING=ring, ACCW=accw, MW=mw, LW=lw, FW=fw, MS=ms, LS=ls, qw=qw, acc=acc, mrow=mrow,
+            lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, red=red, eo=eo, em=em, el=el, w4=w4, mc=mc, lc=lc,
+            ok=ok, tx=tx, lane=lane, warp=warp, scale_log2=softmax_scale * T.float32(LOG2E), lse_unit=lse[0],
+            lse_empty=lse[1]))
+        walk(ctx, op, bufs)
+
+    return kernel
+
+
 def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs | None = None, name: str | None = None,
                     trace: bool = False, dps: bool = False):
-    """The persistent CUDA kernel: grid = ``grid`` CTAs walking ``num_workers`` planned ranges.
+    """The persistent CUDA kernel over strided K/V tensors: grid = ``grid`` CTAs walking
+    ``num_workers`` planned ranges.
 
     ``trace=True`` builds the debug variant with one more argument, ``trace: uint64[grid,
     len(streamk.TRACE_EVENTS)]``, filled with %globaltimer stamps of each CTA's phases.
     ``dps=True`` puts the outputs (o, lse) last, after the scalars, as Relax's call_tir wants."""
     GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
     knobs = knobs or GpuKnobs()
-    cfg = knobs.streamk_config()
-    RW, NWARP, S, NT = knobs.rows_per_warp, knobs.num_warps, knobs.stages, cfg.num_threads
-    op = _gpu_operator(spec, knobs)
-    KS, NM, NN, E, CU = (op.sizes[k] for k in ("KS", "NM", "NN", "E", "CU"))
-    walk = streamk.gpu_walk(cfg)
+    kernel = gpu_kernel_macro(spec, knobs)
     one, two, d64, g64 = (tvm.tirx.const(x, "int64") for x in (1, 2, D, GM))
-    ring_elems = NWARP * S * 2 * RW * D
     n_events = len(streamk.TRACE_EVENTS)
 
     @T.macro
     def body(q, k, v, seq_lens, o, lse, ws_o, ws_ml, flags, softmax_scale, num_workers, num_splits, grid,
              TRACE):
-            B, HQ, HKV, LMAX, WSN = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-            sqb, sqh, skb, skh, skl = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-            svb, svh, svl = T.int64(), T.int64(), T.int64()
-            Q = T.match_buffer(q, (B, HQ, d64), dt, strides=(sqb, sqh, one))
-            K = T.match_buffer(k, (B, HKV, LMAX, d64), dt, strides=(skb, skh, skl, one))
-            V = T.match_buffer(v, (B, HKV, LMAX, d64), dt, strides=(svb, svh, svl, one))
-            SL = T.match_buffer(seq_lens, (B,), "int32")
-            O = T.match_buffer(o, (B, HQ, d64), dt)
-            LSE = T.match_buffer(lse, (B, HQ), "float32")
-            WSO = T.match_buffer(ws_o, (WSN, g64, d64), "float32")
-            WSML = T.match_buffer(ws_ml, (WSN, two, g64), "float32")
-            FLAGS = T.match_buffer(flags, (WSN,), "int32")
-            bx = T.launch_thread("blockIdx.x", grid)
-            tx = T.launch_thread("threadIdx.x", NT)
-            # One dynamic shared pool (16-bit words, one type for every kernel of the library): the
-            # K/V ring, then the warps' states for the merge (fp32).
-            ring = T.alloc_buffer((ring_elems + NWARP * GM * D * 2,), "uint16", scope="shared.dyn")
-            accw = T.decl_buffer((NWARP * GM * D,), "float32", data=ring.data, elem_offset=ring_elems // 2,
-                                 scope="shared.dyn")
-            mw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
-            lw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
-            fw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
-            ms = T.alloc_buffer((GM,), "float32", scope="shared")
-            ls = T.alloc_buffer((GM,), "float32", scope="shared")
-            cum = T.alloc_buffer((cfg.max_batch + 1,), "int32", scope="shared")
-            wsum = T.alloc_buffer((NWARP,), "int32", scope="shared")
-            srch = T.alloc_buffer((2,), "int32", scope="local")
-            seen = T.alloc_buffer((1,), "int32", scope="local")
-            qw = T.alloc_buffer((NN * KS * 2,), "uint32", scope="local")
-            soff = T.alloc_buffer((op.sizes["CPL"],), "int32", scope="local")
-            goff = T.alloc_buffer((2,), "int64", scope="local")
-            gaddr = T.alloc_buffer((2,), "int64", scope="local")
-            # Flat views for address arithmetic done once per step (Q as 32-bit words).
-            KF = T.decl_buffer((skb * B,), dt, data=K.data)
-            VF = T.decl_buffer((svb * B,), dt, data=V.data)
-            QW = T.decl_buffer((sqb * B,), "uint32", data=Q.data)
-            acc = T.alloc_buffer((NN * KS * 4,), "float32", scope="local")
-            mrow = T.alloc_buffer((NN * 2,), "float32", scope="local")
-            lrow = T.alloc_buffer((NN * 2,), "float32", scope="local")
-            sc = T.alloc_buffer((NM * NN * 4,), "float32", scope="local")
-            ph = T.alloc_buffer((NM * NN * 4,), dt, scope="local")
-            pw = T.decl_buffer((NM * NN * 2,), "uint32", data=ph.data, scope="local")
-            pb = T.alloc_buffer((NM * NN * 2,), "uint32", scope="local")
-            af = T.alloc_buffer((4,), "uint32", scope="local")
-            red = T.alloc_buffer((3,), "float32", scope="local")
-            eo = T.alloc_buffer((E * 4,), "float32", scope="local")
-            w4 = T.alloc_buffer((CU * 4,), "float32", scope="local")
-            mc = T.alloc_buffer((CU,), "float32", scope="local")
-            lc = T.alloc_buffer((CU,), "float32", scope="local")
-            ok = T.alloc_buffer((CU,), "int32", scope="local")
-            valid = T.alloc_buffer((NT,), "int32", scope="shared")
-            qr = T.alloc_buffer((2,), "int32", scope="local")
-            em = T.alloc_buffer((E,), "float32", scope="local")
-            el = T.alloc_buffer((E,), "float32", scope="local")
-            nh = T.meta_var(T.Cast("int32", HKV))
-            lane, warp = T.meta_var(T.truncmod(tx, 32)), T.meta_var(T.truncdiv(tx, 32))
-            ctx = T.meta_var(SimpleNamespace(
-                SL=SL, B=T.Cast("int32", B), H=nh, LMAX=T.Cast("int32", LMAX), CUM=cum, NW=num_workers,
-                SPLITS=num_splits, srch=srch, QR=qr, FLAGS=FLAGS, seen=seen, WSUM=wsum, VALID=valid, tx=tx, lane=lane,
-                warp=warp, bx=bx, grid=grid, TRACE=TRACE))
-            bufs = T.meta_var(SimpleNamespace(
-                Q=Q, K=K, V=V, O=O, LSE=LSE, WSO=WSO, WSML=WSML, HQ=T.Cast("int32", HQ), KF=KF, VF=VF, QW=QW,
-                sqb=sqb, sqh=sqh, skb=skb, skh=skh, skl=skl, svb=svb, svh=svh, svl=svl, soff=soff, goff=goff,
-                gaddr=gaddr,
-                G=T.truncdiv(T.Cast("int32", HQ), nh), RING=ring, ACCW=accw, MW=mw, LW=lw, FW=fw, MS=ms, LS=ls,
-                qw=qw, acc=acc, mrow=mrow, lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, red=red,
-                eo=eo, em=em, el=el, w4=w4, mc=mc, lc=lc, ok=ok, tx=tx, lane=lane, warp=warp,
-                scale_log2=softmax_scale * T.float32(LOG2E)))
-            walk(ctx, op, bufs)
+        B, HQ, HKV, LMAX, WSN = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        sqb, sqh, skb, skh, skl = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        svb, svh, svl = T.int64(), T.int64(), T.int64()
+        Q = T.match_buffer(q, (B, HQ, d64), dt, strides=(sqb, sqh, one))
+        K = T.match_buffer(k, (B, HKV, LMAX, d64), dt, strides=(skb, skh, skl, one))
+        V = T.match_buffer(v, (B, HKV, LMAX, d64), dt, strides=(svb, svh, svl, one))
+        SL = T.match_buffer(seq_lens, (B,), "int32")
+        O = T.match_buffer(o, (B, HQ, d64), dt)
+        LSE = T.match_buffer(lse, (B, HQ), "float32")
+        WSO = T.match_buffer(ws_o, (WSN, g64, d64), "float32")
+        WSML = T.match_buffer(ws_ml, (WSN, two, g64), "float32")
+        FLAGS = T.match_buffer(flags, (WSN,), "int32")
+        # Flat views for address arithmetic done once per step (Q as 32-bit words).
+        KF = T.decl_buffer((skb * B,), dt, data=K.data)
+        VF = T.decl_buffer((svb * B,), dt, data=V.data)
+        QW = T.decl_buffer((sqb * B,), "uint32", data=Q.data)
+        src = T.meta_var(SimpleNamespace(
+            QW=QW, KF=KF, VF=VF, sqb=sqb, sqh=sqh, skb=skb, skh=skh, skl=skl, svb=svb, svh=svh, svl=svl, SL=SL,
+            B=T.Cast("int32", B), HQ=T.Cast("int32", HQ), HKV=T.Cast("int32", HKV), LMAX=T.Cast("int32", LMAX),
+            rows=dense_rows))
+        kernel(src, O, LSE, WSO, WSML, FLAGS, softmax_scale, num_workers, num_splits, grid, TRACE)
 
     if dps:
         @T.prim_func(s_tir=True)

@@ -11,9 +11,7 @@
   ``codegen.PIPELINE``, every other PrimFunc (dlight-scheduled matmuls, norms...) through TVM's
   default one. Use :func:`build` (or pass ``tir_pipeline=TIR_PIPELINE`` yourself) for any module
   that holds a LeanAttention GPU kernel: TVM's default pipeline would insert barriers that break it.
-* :func:`make_paged_decode_cpu` / :func:`use_lean_paged_decode` -- the CPU kernel in the form of
-  ``TIRPagedKVCache``'s decode kernel (page-table reads), and the swap into a module that creates
-  such a cache. The GPU kernel has no paged loader yet.
+* TVM's paged KV cache (``TIRPagedKVCache``) takes LeanAttention through ``lean_tvm.paged``.
 
 Workspace. Each call site allocates, inside the graph, the cross-block partials
 ``ws_o f32[W, GM, D]`` and ``ws_ml f32[W, 2, GM]`` (uninitialised: ``R.builtin.alloc_tensor``;
@@ -35,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from types import SimpleNamespace
 
 import tvm
 import tvm_ffi
@@ -593,125 +590,3 @@ def count_attention_calls(mod: tvm.IRModule) -> dict[str, int]:
         if isinstance(func, relax.Function):
             _Counter().visit_expr(func)
     return counts
-
-
-# --------------------------------------------------------------------------------------------
-# Paged KV cache (relax.frontend.nn.llm.kv_cache.TIRPagedKVCache): the decode kernel's form.
-# --------------------------------------------------------------------------------------------
-
-PAGED_EMPTY_LSE = -5e4  # what TVM's paged kernels report for an empty sequence (merge_state-safe)
-
-
-class _PagedRows:
-    """One of K (kv=0) or V (kv=1) of a paged cache ``pages[P, 2, Hkv, page_size, D]``, read by
-    the CPU operator as ``[b, h, row, d]``: row -> page ``values[indptr[b] + row // page_size]``,
-    slot ``row % page_size``. (The operator's loads are TVMScript subscripts: any object with a
-    ``__getitem__`` returning a PrimExpr can stand in for the buffer.)"""
-
-    def __init__(self, pages, kv: int, indptr, values, page_size: int):
-        self.pages, self.kv, self.indptr, self.values, self.page_size = pages, kv, indptr, values, page_size
-
-    def __getitem__(self, index):
-        b, h, row, d = index
-        from tvm.script import tirx as T
-
-        page = self.values[self.indptr[b] + T.truncdiv(row, self.page_size)]
-        return self.pages[page, self.kv, h, T.truncmod(row, self.page_size), d]
-
-
-def make_paged_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int = 16,
-                          num_workers: int = DEFAULT_CPU_WORKERS, block_size: int = 64) -> tirx.PrimFunc:
-    """LeanAttention (CPU form) with the signature of TVM's paged decode kernel
-    (``_attention_decode_cpu`` in ``relax/frontend/nn/llm/_decode_kernels.py``), so that it can
-    stand in for ``tir_attention_decode_cpu`` in ``TIRPagedKVCache``:
-
-        (Q [B, Hq, D], pages [P, 2, Hkv, page_size, D], page_indptr int32[B + 1],
-         page_values int32[nnz], last_page_len int32[B], k_rope_pos_offset int32[B],
-         q_rope_position int32[B], output [B, Hq, D], lse f32[B, Hq], rotary_mode: int32,
-         rope_scale: f32, rope_theta: f32, sm_scale: f32)
-
-    Sequence b spans pages ``page_values[page_indptr[b]:page_indptr[b + 1]]``, holding
-    ``(npages - 1) * page_size + last_page_len[b]`` rows. Like TVM's kernel, lse is in log2 units
-    and an empty sequence gives output 0 and lse -5e4. Workspace (partials) is allocated inside.
-    Not supported: ``rotary_mode == 1`` (RoPE applied inside attention, RopeMode.INLINE; asserted)
-    and the sliding-window variant."""
-    from tvm.script import tirx as T
-
-    from . import streamk
-    from .attention import LOG2E, _cpu_operator
-    from .spec import StreamKConfig
-
-    spec = LeanConfig().spec_for(dtype, head_dim, num_qo_heads // num_kv_heads)
-    GM, D, HQ, HKV, W = spec.max_group, head_dim, num_qo_heads, num_kv_heads, num_workers
-    op = _cpu_operator(spec, block_size)
-    walk = streamk.cpu_walk(StreamKConfig(block_size=block_size))
-
-    @T.prim_func(s_tir=True)
-    def lean_decode_paged_kv_cpu(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,
-                                 page_table_values_handle: T.handle, var_length_info: T.handle,
-                                 k_rope_pos_offset_handle: T.handle, q_rope_position_handle: T.handle,
-                                 output_handle: T.handle, lse_handle: T.handle, rotary_mode: T.int32,
-                                 rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        B, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32()
-        off_indptr, off_values, off_len, off_krope, off_qrope = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
-        Q = T.match_buffer(Q_handle, (B, HQ, D), dtype)
-        pages = T.match_buffer(pages_handle, (max_num_pages, 2, HKV, page_size, D), dtype)
-        indptr = T.match_buffer(page_table_indptr_handle, (B + 1,), "int32", elem_offset=off_indptr)
-        values = T.match_buffer(page_table_values_handle, (nnz_pages,), "int32", elem_offset=off_values)
-        last_len = T.match_buffer(var_length_info, (B,), "int32", elem_offset=off_len)
-        _k_rope = T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=off_krope)
-        _q_rope = T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=off_qrope)
-        O = T.match_buffer(output_handle, (B, HQ, D), dtype)
-        LSE = T.match_buffer(lse_handle, (B, HQ), "float32")
-        assert rotary_mode == 0, "LeanAttention paged decode: rotary_mode 1 (RoPE inside attention) unsupported"
-        lens = T.alloc_buffer((B,), "int32")
-        for b in range(B):
-            lens[b] = T.if_then_else(indptr[b + 1] > indptr[b],
-                                     (indptr[b + 1] - indptr[b] - 1) * page_size + last_len[b], 0)
-        ws_o = T.alloc_buffer((W, GM, D), "float32")
-        ws_ml = T.alloc_buffer((W, 2, GM), "float32")
-        flags = T.alloc_buffer((W,), "int32")
-        cum = T.alloc_buffer((B + 1,), "int32")
-        srch = T.alloc_buffer((2,), "int32")
-        m = T.alloc_buffer((GM,), "float32")
-        l_ = T.alloc_buffer((GM,), "float32")
-        acc = T.alloc_buffer((GM * D,), "float32")
-        s = T.alloc_buffer((block_size,), "float32")
-        tmp = T.alloc_buffer((3,), "float32")
-        qr = T.alloc_buffer((2,), "int32")
-        ctx = T.meta_var(SimpleNamespace(SL=lens, B=B, H=HKV, LMAX=max_num_pages * page_size, CUM=cum, NW=W,
-                                         SPLITS=0, srch=srch, QR=qr, FLAGS=flags))
-        bufs = T.meta_var(SimpleNamespace(
-            Q=Q, K=_PagedRows(pages, 0, indptr, values, page_size), V=_PagedRows(pages, 1, indptr, values, page_size),
-            O=O, LSE=LSE, WSO=ws_o, WSML=ws_ml, HQ=HQ, G=HQ // HKV, m=m, l=l_, acc=acc, s=s, tmp=tmp,
-            scale_log2=sm_scale * T.float32(LOG2E)))
-        walk(ctx, op, bufs)
-        for b, h in T.grid(B, HQ):  # natural log -> log2; -inf (empty) -> TVM's -5e4
-            LSE[b, h] = T.if_then_else(lens[b] == 0, T.float32(PAGED_EMPTY_LSE), LSE[b, h] * T.float32(LOG2E))
-
-    return lean_decode_paged_kv_cpu.with_attr("global_symbol", f"lean_decode_paged_kv_cpu_{spec.name}")
-
-
-TVM_PAGED_DECODE_CPU = "batch_decode_paged_kv_cpu"  # global_symbol of TIRPagedKVCache's llvm decode kernel
-
-
-def use_lean_paged_decode(mod: tvm.IRModule, num_workers: int = DEFAULT_CPU_WORKERS,
-                          block_size: int = 64) -> tuple[tvm.IRModule, int]:
-    """Swap TIRPagedKVCache's CPU decode kernel in ``mod`` (a module whose Relax code creates the
-    cache for an ``llvm`` target) for :func:`make_paged_decode_cpu`: the KV cache runtime then runs
-    LeanAttention for every decode step. Returns (module, kernels swapped). CUDA: not yet (the
-    GPU kernel's loader has no page-table indirection; see the module notes in the report)."""
-    mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-    swapped = 0
-    for gv, func in list(mod.functions_items()):
-        if not (isinstance(func, tirx.PrimFunc) and func.attrs is not None
-                and func.attrs.get("global_symbol") == TVM_PAGED_DECODE_CPU):
-            continue
-        q, pages = func.params[0], func.params[1]
-        hq, d = int(q.shape[1]), int(q.shape[2])
-        hkv, page_size = int(pages.shape[2]), int(pages.shape[3])
-        new = make_paged_decode_cpu(hkv, hq, d, str(q.dtype), page_size, num_workers, block_size)
-        mod[gv] = new.with_attr("global_symbol", TVM_PAGED_DECODE_CPU)
-        swapped += 1
-    return mod, swapped

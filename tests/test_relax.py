@@ -19,6 +19,7 @@ from tvm.relax.frontend import nn  # noqa: E402
 from tvm.relax.frontend.nn import spec  # noqa: E402
 
 from lean_tvm import relax as lean_relax  # noqa: E402
+from lean_tvm import paged  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import llama_relax  # noqa: E402
@@ -316,7 +317,7 @@ def test_paged_decode_kernel_matches_tvms_own():
     q, pages, indptr, values, last = paged_case(lens)
     zeros = torch.zeros(len(lens), dtype=torch.int32)
     outs = {}
-    for name, func in (("lean", lean_relax.make_paged_decode_cpu(HKV, HQ, D, F16, PAGE, num_workers=5)),
+    for name, func in (("lean", paged.make_paged_decode_cpu(HKV, HQ, D, F16, PAGE, num_workers=5)),
                        ("tvm", _attention_decode_cpu(HKV, HQ, D, F16, False, {}))):
         f = tvm.compile(tvm.IRModule({"main": func}), target="llvm")[func.attrs["global_symbol"]]
         o = torch.full((len(lens), HQ, D), float("nan"), dtype=torch.float16)
@@ -325,7 +326,7 @@ def test_paged_decode_kernel_matches_tvms_own():
         outs[name] = (o, lse)
     torch.testing.assert_close(outs["lean"][0], outs["tvm"][0], atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(outs["lean"][1], outs["tvm"][1], atol=1e-4, rtol=1e-5)  # log2 units, -5e4 if empty
-    assert (outs["lean"][1][1] == lean_relax.PAGED_EMPTY_LSE).all() and (outs["lean"][0][1] == 0).all()
+    assert (outs["lean"][1][1] == paged.PAGED_EMPTY_LSE).all() and (outs["lean"][0][1] == 0).all()
     # and both against float64 on the gathered caches
     k = torch.zeros(len(lens), HKV, max(lens), D, dtype=torch.float16)
     v = torch.zeros_like(k)
@@ -334,7 +335,7 @@ def test_paged_decode_kernel_matches_tvms_own():
             page = values[indptr[b] + r // PAGE]
             k[b, :, r], v[b, :, r] = pages[page, 0, :, r % PAGE], pages[page, 1, :, r % PAGE]
     ref_o, ref_lse = decode_attention_reference(q, k, v, lens, 1 / math.sqrt(D))
-    lse_nat = torch.where(outs["lean"][1] == lean_relax.PAGED_EMPTY_LSE, -math.inf, outs["lean"][1] / math.log2(math.e))
+    lse_nat = torch.where(outs["lean"][1] == paged.PAGED_EMPTY_LSE, -math.inf, outs["lean"][1] / math.log2(math.e))
     assert_attention_close(outs["lean"][0], lse_nat, ref_o, ref_lse, torch.float16)
 
 
@@ -366,7 +367,7 @@ def test_paged_kv_cache_runtime_runs_lean_decode():
     qkv_decode = torch.randn(len(lens), HQ + 2 * HKV, D, generator=g).half()
     seqs = tvm_ffi.Shape(list(range(len(lens))))
     base = module()
-    lean_mod, swapped = lean_relax.use_lean_paged_decode(base)
+    lean_mod, swapped = paged.use_lean_paged_decode(base)
     assert swapped == 1
     outs = {}
     for name, mod in (("tvm", base), ("lean", lean_mod)):

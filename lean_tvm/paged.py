@@ -1,0 +1,232 @@
+"""LeanAttention over TVM's paged KV cache, in the form ``TIRPagedKVCache`` takes its decode kernel.
+
+``relax.frontend.nn.llm.kv_cache.TIRPagedKVCache`` calls one PrimFunc per decode step with the
+signature of TVM's ``batch_decode_paged_kv`` (``_decode_kernels.py``)::
+
+    (Q [B, Hq, D], pages [P, 2, Hkv, page_size, D], page_indptr int32[B + 1],
+     page_values int32[nnz], last_page_len int32[B], k_rope_pos_offset int32[B],
+     q_rope_position int32[B], output [B, Hq, D], lse f32[B, Hq], rotary_mode: int32,
+     rope_scale: f32, rope_theta: f32, sm_scale: f32)
+
+Sequence b owns pages ``page_values[page_indptr[b]:page_indptr[b + 1]]`` and holds
+``(npages - 1) * page_size + last_page_len[b]`` rows. Like TVM's kernels, lse is in log2 units
+and an empty sequence gives output 0 and lse -5e4. The stream-K walk, the plan and the merge are
+the ones of the dense operator; only the addressing of K/V rows differs (a page-table read per
+block and warp on the GPU). The cross-block workspace is allocated inside the PrimFunc (TVM's
+workspace pool); on CUDA a first small kernel clears the flags, the attention kernel follows.
+
+Not supported (asserted at run time): ``rotary_mode == 1`` (RoPE applied inside attention,
+``RopeMode.INLINE``); no sliding-window variant. CUDA: ``page_size`` a multiple of 16.
+
+:func:`use_lean_paged_decode` swaps these kernels into a module that creates such a cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+
+from . import codegen, streamk
+from .attention import LOG2E, _cpu_operator, gpu_kernel_macro
+from .relax import DEFAULT_CPU_WORKERS, KERNEL_ATTR, LEAN_ATTR, LeanConfig
+from .spec import GpuKnobs, StreamKConfig
+
+PAGED_EMPTY_LSE = -5e4  # what TVM's paged kernels report for an empty sequence (merge_state-safe)
+PAGED_LSE = (1.0, PAGED_EMPTY_LSE)  # lse in log2 units, -5e4 when empty
+TVM_PAGED_DECODE = {"llvm": "batch_decode_paged_kv_cpu", "cuda": "batch_decode_paged_kv"}  # global_symbols
+
+
+class _PagedLens:
+    """``lens[b]``: rows of sequence b from the page table (0 when it owns no page)."""
+
+    def __init__(self, indptr, last_len, page_size: int):
+        self.indptr, self.last_len, self.page_size = indptr, last_len, page_size
+
+    def __getitem__(self, b):
+        npages = self.indptr[b + 1] - self.indptr[b]
+        return T.if_then_else(npages > 0, (npages - 1) * self.page_size + self.last_len[b], 0)
+
+
+class _PagedRows:
+    """One of K (kv=0) or V (kv=1) of ``pages[P, 2, Hkv, page_size, D]``, read by the CPU
+    operator as ``[b, h, row, d]``: row -> page ``values[indptr[b] + row // page_size]``, slot
+    ``row % page_size``. (The operator's loads are TVMScript subscripts: any object with a
+    ``__getitem__`` returning a PrimExpr can stand in for the buffer.)"""
+
+    def __init__(self, pages, kv: int, indptr, values, page_size: int):
+        self.pages, self.kv, self.indptr, self.values, self.page_size = pages, kv, indptr, values, page_size
+
+    def __getitem__(self, index):
+        b, h, row, d = index
+        page = self.values[self.indptr[b] + T.truncdiv(row, self.page_size)]
+        return self.pages[page, self.kv, h, T.truncmod(row, self.page_size), d]
+
+
+def paged_rows(num_kv_heads: int, page_size: int, head_dim: int):
+    """The GPU loader's addressing (see ``attention.dense_rows``) for a paged cache: the warp's
+    rows rbase.. lie in one page (page_size is a multiple of the warp's rows), found through the
+    page table; past the sequence's last page the last page stands in (its rows are zero-filled)."""
+    page_elems = page_size * head_dim
+    v_offset = num_kv_heads * page_elems  # pages[p, 1] follows pages[p, 0]
+
+    @T.macro
+    def rows(bufs, b, h, rbase):
+        first = T.meta_var(bufs.INDPTR[b])
+        page = T.meta_var(bufs.VALUES[T.min(first + T.truncdiv(rbase, page_size), bufs.INDPTR[b + 1] - 1)])
+        bufs.gaddr[0] = ((T.Cast("int64", page) * (2 * num_kv_heads) + T.Cast("int64", h)) * page_elems
+                         + T.Cast("int64", T.truncmod(rbase, page_size) * head_dim) + bufs.goff[0])
+        bufs.gaddr[1] = bufs.gaddr[0] + v_offset
+        bufs.gaddr[2] = bufs.gaddr[0]
+        bufs.gaddr[3] = bufs.gaddr[1]
+
+    return rows
+
+
+def paged_knobs(knobs: GpuKnobs, page_size: int) -> GpuKnobs:
+    """The tuned knobs with a warp's rows cut to fit in one page."""
+    if page_size % 16:
+        raise ValueError(f"LeanAttention paged decode (CUDA): page_size must be a multiple of 16, got {page_size}")
+    rw = knobs.rows_per_warp
+    while page_size % rw:
+        rw -= 16
+    return dataclasses.replace(knobs, rows_per_warp=rw)
+
+
+def make_paged_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int = 16,
+                          num_workers: int = DEFAULT_CPU_WORKERS, block_size: int = 64) -> tirx.PrimFunc:
+    """The CPU form, standing in for ``tir_attention_decode_cpu`` (``_attention_decode_cpu``)."""
+    spec = LeanConfig().spec_for(dtype, head_dim, num_qo_heads // num_kv_heads)
+    GM, D, HQ, HKV, W = spec.max_group, head_dim, num_qo_heads, num_kv_heads, num_workers
+    op = _cpu_operator(spec, block_size)
+    walk = streamk.cpu_walk(StreamKConfig(block_size=block_size))
+
+    @T.prim_func(s_tir=True)
+    def lean_decode_paged_kv_cpu(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,
+                                 page_table_values_handle: T.handle, var_length_info: T.handle,
+                                 k_rope_pos_offset_handle: T.handle, q_rope_position_handle: T.handle,
+                                 output_handle: T.handle, lse_handle: T.handle, rotary_mode: T.int32,
+                                 rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        B, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32()
+        off_indptr, off_values, off_len, off_krope, off_qrope = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        Q = T.match_buffer(Q_handle, (B, HQ, D), dtype)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, HKV, page_size, D), dtype)
+        indptr = T.match_buffer(page_table_indptr_handle, (B + 1,), "int32", elem_offset=off_indptr)
+        values = T.match_buffer(page_table_values_handle, (nnz_pages,), "int32", elem_offset=off_values)
+        last_len = T.match_buffer(var_length_info, (B,), "int32", elem_offset=off_len)
+        _k_rope = T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=off_krope)
+        _q_rope = T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=off_qrope)
+        O = T.match_buffer(output_handle, (B, HQ, D), dtype)
+        LSE = T.match_buffer(lse_handle, (B, HQ), "float32")
+        assert rotary_mode == 0, "LeanAttention paged decode: rotary_mode 1 (RoPE inside attention) unsupported"
+        ws_o = T.alloc_buffer((W, GM, D), "float32")
+        ws_ml = T.alloc_buffer((W, 2, GM), "float32")
+        flags = T.alloc_buffer((W,), "int32")
+        cum = T.alloc_buffer((B + 1,), "int32")
+        srch = T.alloc_buffer((2,), "int32")
+        m = T.alloc_buffer((GM,), "float32")
+        l_ = T.alloc_buffer((GM,), "float32")
+        acc = T.alloc_buffer((GM * D,), "float32")
+        s = T.alloc_buffer((block_size,), "float32")
+        tmp = T.alloc_buffer((3,), "float32")
+        qr = T.alloc_buffer((2,), "int32")
+        ctx = T.meta_var(SimpleNamespace(SL=_PagedLens(indptr, last_len, page_size), B=B, H=HKV,
+                                         LMAX=max_num_pages * page_size, CUM=cum, NW=W, SPLITS=0, srch=srch, QR=qr,
+                                         FLAGS=flags))
+        bufs = T.meta_var(SimpleNamespace(
+            Q=Q, K=_PagedRows(pages, 0, indptr, values, page_size), V=_PagedRows(pages, 1, indptr, values, page_size),
+            O=O, LSE=LSE, WSO=ws_o, WSML=ws_ml, HQ=HQ, G=HQ // HKV, m=m, l=l_, acc=acc, s=s, tmp=tmp,
+            scale_log2=sm_scale * T.float32(LOG2E), lse_unit=PAGED_LSE[0], lse_empty=PAGED_LSE[1]))
+        walk(ctx, op, bufs)
+
+    return lean_decode_paged_kv_cpu.with_attr("global_symbol", f"lean_decode_paged_kv_cpu_{spec.name}")
+
+
+def make_paged_decode_gpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int = 16,
+                          config: LeanConfig | None = None) -> tirx.PrimFunc:
+    """The CUDA form, standing in for ``tir_attention_decode`` (``_attention_decode``): the
+    persistent stream-K kernel with ``config.workers()`` CTAs (the grid; they must be co-resident),
+    B <= the knobs' ``max_batch``. Compile with ``relax.build`` / ``TIR_PIPELINE``.
+    ``config``: workers and knobs (default ``LeanConfig("cuda")``: 132 SMs, ``schedules/sm_90a.json``)."""
+    config = config or LeanConfig("cuda")
+    spec = config.spec_for(dtype, head_dim, num_qo_heads // num_kv_heads)
+    knobs = paged_knobs(config.gpu_knobs(spec), page_size)
+    GM, D, HQ, HKV, W, NT = spec.max_group, head_dim, num_qo_heads, num_kv_heads, config.workers(spec), \
+        32 * knobs.num_warps
+    kernel = gpu_kernel_macro(spec, knobs, lse=PAGED_LSE)
+    rows = paged_rows(HKV, page_size, D)
+    max_batch = knobs.max_batch
+
+    @T.prim_func(s_tir=True)
+    def lean_decode_paged_kv(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,
+                             page_table_values_handle: T.handle, var_length_info: T.handle,
+                             k_rope_pos_offset_handle: T.handle, q_rope_position_handle: T.handle,
+                             output_handle: T.handle, lse_handle: T.handle, rotary_mode: T.int32,
+                             rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        B, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32()
+        off_pages = T.int64()
+        off_indptr, off_values, off_len, off_krope, off_qrope = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
+        Q = T.match_buffer(Q_handle, (B, HQ, D), dtype)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, HKV, page_size, D), dtype, elem_offset=off_pages)
+        indptr = T.match_buffer(page_table_indptr_handle, (B + 1,), "int32", elem_offset=off_indptr)
+        values = T.match_buffer(page_table_values_handle, (nnz_pages,), "int32", elem_offset=off_values)
+        last_len = T.match_buffer(var_length_info, (B,), "int32", elem_offset=off_len)
+        _k_rope = T.match_buffer(k_rope_pos_offset_handle, (B,), "int32", elem_offset=off_krope)
+        _q_rope = T.match_buffer(q_rope_position_handle, (B,), "int32", elem_offset=off_qrope)
+        O = T.match_buffer(output_handle, (B, HQ, D), dtype)
+        LSE = T.match_buffer(lse_handle, (B, HQ), "float32")
+        assert rotary_mode == 0, "LeanAttention paged decode: rotary_mode 1 (RoPE inside attention) unsupported"
+        assert B <= max_batch, "LeanAttention paged decode: batch exceeds the kernel's max_batch"
+        ws_o = T.alloc_buffer((W, GM, D), "float32")
+        ws_ml = T.alloc_buffer((W, 2, GM), "float32")
+        flags = T.alloc_buffer((W,), "int32")
+        for _bx in T.thread_binding(1, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                for i in range((W + NT - 1) // NT):
+                    if i * NT + tx < W:
+                        flags[i * NT + tx] = 0
+        QW = T.decl_buffer((B * (HQ * D // 2),), "uint32", data=Q.data)
+        KF = T.decl_buffer((max_num_pages * (2 * HKV * page_size * D),), dtype, data=pages.data,
+                           elem_offset=off_pages)
+        src = T.meta_var(SimpleNamespace(
+            QW=QW, KF=KF, VF=KF, sqb=HQ * D, sqh=D, skl=D, svl=D, SL=_PagedLens(indptr, last_len, page_size), B=B,
+            HQ=HQ, HKV=HKV, LMAX=max_num_pages * page_size, rows=rows, INDPTR=indptr, VALUES=values))
+        kernel(src, O, LSE, ws_o, ws_ml, flags, sm_scale, W, 0, W, None)
+
+    return lean_decode_paged_kv.with_attrs({"global_symbol": f"lean_decode_paged_kv_{spec.name}",
+                                            KERNEL_ATTR: codegen.PIPELINE, LEAN_ATTR: spec.name})
+
+
+def use_lean_paged_decode(mod: tvm.IRModule, target_kind: str = "llvm", config: LeanConfig | None = None,
+                          block_size: int = 64) -> tuple[tvm.IRModule, int]:
+    """Swap TIRPagedKVCache's decode kernel in ``mod`` (a module whose Relax code creates the cache
+    for ``target_kind``, ``"llvm"`` or ``"cuda"``) for LeanAttention's: the KV cache runtime then
+    runs it for every decode step. Returns (module, kernels swapped). Build CUDA modules with
+    ``lean_tvm.relax.build``. ``config``: workers and knobs (default ``LeanConfig(target_kind)``)."""
+    if target_kind not in TVM_PAGED_DECODE:
+        raise ValueError(f"target_kind: expected one of {tuple(TVM_PAGED_DECODE)}, got {target_kind!r}")
+    config = config or LeanConfig(target_kind)
+    symbol = TVM_PAGED_DECODE[target_kind]
+    mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    swapped = 0
+    for gv, func in list(mod.functions_items()):
+        if not (isinstance(func, tirx.PrimFunc) and func.attrs is not None
+                and func.attrs.get("global_symbol") == symbol):
+            continue
+        q_buf, pages_buf = func.params[0], func.params[1]  # TVM 0.27: buffer parameters
+        hq, d = int(q_buf.shape[1]), int(q_buf.shape[2])
+        hkv, page_size = int(pages_buf.shape[2]), int(pages_buf.shape[3])
+        dtype = str(q_buf.dtype)
+        if target_kind == "llvm":
+            new = make_paged_decode_cpu(hkv, hq, d, dtype, page_size, config.workers(
+                config.spec_for(dtype, d, hq // hkv)), block_size)
+        else:
+            new = make_paged_decode_gpu(hkv, hq, d, dtype, page_size, config)
+        mod[gv] = new.with_attr("global_symbol", symbol)
+        swapped += 1
+    return mod, swapped
