@@ -18,7 +18,8 @@ workspace pool); on CUDA a first small kernel clears the flags, the attention ke
 Not supported (asserted at run time): ``rotary_mode == 1`` (RoPE applied inside attention,
 ``RopeMode.INLINE``); no sliding-window variant. CUDA: ``page_size`` a multiple of 16.
 
-:func:`use_lean_paged_decode` swaps these kernels into a module that creates such a cache.
+:func:`use_lean_paged_decode` swaps these kernels into a module that creates such a cache;
+:func:`kv_cache_module` makes a minimal one (tests, the GPU check).
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from tvm.script import tirx as T
 
 from . import codegen, streamk
 from .attention import LOG2E, _cpu_operator, gpu_kernel_macro
+from .paged_cases import PAGED_EMPTY_LSE
 from .relax import DEFAULT_CPU_WORKERS, KERNEL_ATTR, LEAN_ATTR, LeanConfig
 from .spec import GpuKnobs, StreamKConfig
 
-PAGED_EMPTY_LSE = -5e4  # what TVM's paged kernels report for an empty sequence (merge_state-safe)
 PAGED_LSE = (1.0, PAGED_EMPTY_LSE)  # lse in log2 units, -5e4 when empty
 TVM_PAGED_DECODE = {"llvm": "batch_decode_paged_kv_cpu", "cuda": "batch_decode_paged_kv"}  # global_symbols
 
@@ -230,3 +231,23 @@ def use_lean_paged_decode(mod: tvm.IRModule, target_kind: str = "llvm", config: 
         mod[gv] = new.with_attr("global_symbol", symbol)
         swapped += 1
     return mod, swapped
+
+
+def kv_cache_module(target_kind: str, num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype: str = "float16",
+                    page_size: int = 16, max_batch_size: int = 4, max_total_seq_len: int = 1024) -> tvm.IRModule:
+    """A Relax module whose ``create()`` makes TVM's TIRPagedKVCache (one layer, no RoPE)."""
+    from tvm import relax
+    from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
+
+    bb = relax.BlockBuilder()
+    with bb.function("create", []):
+        kv = TIRPagedKVCache(
+            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=min(max_total_seq_len, 4096), page_size=page_size, support_sliding_window=0,
+            layer_partition=relax.ShapeExpr([0, 1]), num_hidden_layers=1, num_attention_heads=num_qo_heads,
+            num_key_value_heads=num_kv_heads, qk_head_dim=head_dim, v_head_dim=head_dim, mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0, rope_mode=RopeMode.NONE, rope_scale=1, rope_theta=10000, rope_scaling={},
+            rope_ext_factors=relax.prim_value(0), rotary_dim=head_dim, enable_disaggregation=False, dtype=dtype,
+            target=tvm.target.Target(target_kind))
+        bb.emit_func_output(bb.emit(kv._expr))
+    return bb.finalize()

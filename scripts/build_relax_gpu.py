@@ -7,6 +7,11 @@ Writes into OUT (git-ignored):
   llama_lean_<arch>.so     the same model after RewriteDecodeAttention (LeanAttention decode kernel)
   attn_tvm_<arch>.so,      the decode attention alone, both forms (examples/llama_relax.AttentionOnly)
   attn_lean_<arch>.so
+  paged_kernels_<arch>.so  TVM's paged decode kernel (batch_decode_paged_kv) and ours in its form
+                           (lean_tvm.paged), as plain TIR functions
+  paged_cache_tvm_<arch>.so, paged_cache_lean_<arch>.so
+                           create() of TVM's TIRPagedKVCache (one layer), with TVM's decode kernel and
+                           with ours swapped in (lean_tvm.paged.use_lean_paged_decode)
   manifest.json            model config, weight names/shapes (the VM takes weights after the inputs),
                            num_workers, knobs, kernel lists, sizes, versions
   site/tvm/                the TVM package for runtime-only use (no libtvm_compiler.so, 3rdparty, src,
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import os
 import re
@@ -80,7 +86,6 @@ def make_stub(directory: str) -> str:
 
 
 def build_child(out: str, arch: str, num_workers: int | None) -> None:
-    import dataclasses
 
     import tvm
     from tvm.base import _LOADED_LIBS
@@ -118,8 +123,43 @@ def build_child(out: str, arch: str, num_workers: int | None) -> None:
         log(f"{os.path.basename(path)}: {time.time() - t0:.1f} s, {du(path) / 2**20:.2f} MiB, "
             f"attention calls {counts}, device modules {[x.kind for x in cuda]}")
         manifest["files"][name] = {"file": os.path.basename(path), "bytes": du(path), "attention_calls": counts}
+    build_paged(out, arch, target, lean_cfg, manifest)
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
+
+
+PAGED = dict(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype="float16", page_size=16)
+PAGED_CACHE_TOKENS = 16384  # the cache module's max_total_seq_len
+
+
+def build_paged(out: str, arch: str, target, lean_cfg, manifest: dict) -> None:
+    """The paged-KV-cache artifacts (Llama-3-8B heads: 32/8 x 128, fp16, pages of 16)."""
+    import tvm
+    from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode
+
+    from lean_tvm import paged
+    from lean_tvm import relax as lean_relax
+
+    hq, hkv, d, dt, ps = (PAGED[k] for k in ("num_qo_heads", "num_kv_heads", "head_dim", "dtype", "page_size"))
+    lean = paged.make_paged_decode_gpu(hkv, hq, d, dt, ps, lean_cfg)
+    theirs = _attention_decode(hkv, hq, d, dt, False, {}, target, ps)
+    base = paged.kv_cache_module("cuda", hq, hkv, d, dt, ps, max_batch_size=16, max_total_seq_len=PAGED_CACHE_TOKENS)
+    swapped, n = paged.use_lean_paged_decode(base, "cuda", lean_cfg)
+    assert n == 1, n
+    spec = lean_cfg.spec_for(dt, d, hq // hkv)
+    manifest["paged"] = {**PAGED, "cache_tokens": PAGED_CACHE_TOKENS, "workers": lean_cfg.workers(spec),
+                         "knobs": dataclasses.asdict(paged.paged_knobs(lean_cfg.gpu_knobs(spec), ps)),
+                         "kernels": {"tvm": theirs.attrs["global_symbol"], "lean": lean.attrs["global_symbol"]}}
+    modules = {"paged_kernels": tvm.IRModule({"tvm": theirs, "lean": lean}),
+               "paged_cache_tvm": base, "paged_cache_lean": swapped}
+    for name, m in modules.items():
+        t0 = time.time()
+        with target:
+            ex = lean_relax.build(m, target)
+        path = os.path.join(out, f"{name}_{arch}.so")
+        ex.export_library(path)
+        log(f"{os.path.basename(path)}: {time.time() - t0:.1f} s, {du(path) / 2**20:.2f} MiB")
+        manifest["files"][name] = {"file": os.path.basename(path), "bytes": du(path)}
 
 
 # --------------------------------------------------------------------------------------------

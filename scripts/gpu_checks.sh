@@ -2,7 +2,9 @@
 # Everything the GPU machine checks, in one call (a lent machine starts bare; keep calls few).
 # Needs: the library in $LEAN_TVM_LIB_DIR (python -m lean_tvm.build), the tvm-ffi wheel in .whl/.
 # Logs go to ${OUT:-gpu_out}/. Usage: bash scripts/gpu_checks.sh [tests] [sanitize] [llama] [bench] [tune]
-# (bench needs the FlashInfer payload in .gpu/fi: ../shared/tools/flashinfer_payload.sh .gpu/fi)
+#   [relax] [paged]
+# (bench needs the FlashInfer payload in .gpu/fi: ../shared/tools/flashinfer_payload.sh .gpu/fi;
+#  relax and paged need build/relax_gpu: python scripts/build_relax_gpu.py)
 set -u
 out=${OUT:-gpu_out}; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
@@ -19,6 +21,8 @@ for step in "$@"; do
     llama) timeout 300 python3 scripts/llama_decode.py 2>&1 | tee "$out/llama_decode.txt" | tail -8 ;;
     bench) PYTHONPATH=$PWD/.gpu/fi:$PYTHONPATH FLASHINFER_CUDA_ARCH_LIST=9.0a timeout 420 python3 -m lean_tvm.bench \
             ${BENCH_ARGS:---quick} --out "$out/bench" 2>&1 | tail -30 ;;
+    relax|paged) PYTHONPATH=$PYTHONPATH:$PWD/build/relax_gpu/site:$PWD/build/relax_gpu timeout 400 \
+            python3 scripts/${step}_gpu.py 2>&1 | tee "$out/${step}_gpu.txt" | tail -30 ;;
     tune) timeout 300 python3 -m lean_tvm.tune measure --lib build/tune_sm_90a --out "$out/tune.json" --reps 15 \
             > "$out/tune_log.txt" 2>&1; echo "tune: exit $?" ;;
   esac

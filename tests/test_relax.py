@@ -18,8 +18,8 @@ from tvm import relax, tirx  # noqa: E402
 from tvm.relax.frontend import nn  # noqa: E402
 from tvm.relax.frontend.nn import spec  # noqa: E402
 
+from lean_tvm import paged, paged_cases  # noqa: E402
 from lean_tvm import relax as lean_relax  # noqa: E402
-from lean_tvm import paged  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import llama_relax  # noqa: E402
@@ -297,96 +297,63 @@ def test_cuda_build_uses_our_pipeline_for_our_kernel_only():
 PAGE = 16
 
 
-def paged_case(lens, hkv=HKV, hq=HQ, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    npages = [-(-n // PAGE) for n in lens]
-    total = sum(npages) + 3  # a few pages nobody owns
-    perm = torch.randperm(total, generator=g).to(torch.int32)
-    indptr = torch.tensor([0, *np.cumsum(npages).tolist()], dtype=torch.int32)
-    values = perm[: int(indptr[-1])].contiguous()
-    last = torch.tensor([n - (p - 1) * PAGE if p else 0 for n, p in zip(lens, npages, strict=True)], dtype=torch.int32)
-    pages = torch.randn(total, 2, hkv, PAGE, D, generator=g).half()
-    q = torch.randn(len(lens), hq, D, generator=g).half()
-    return q, pages, indptr, values, last
-
-
 def test_paged_decode_kernel_matches_tvms_own():
     from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
 
     lens = [37, 0, 16, 1, 200, 64, 17]
-    q, pages, indptr, values, last = paged_case(lens)
-    zeros = torch.zeros(len(lens), dtype=torch.int32)
+    case = paged_cases.random_paged_cache(lens, HQ, HKV, D, PAGE)
     outs = {}
     for name, func in (("lean", paged.make_paged_decode_cpu(HKV, HQ, D, F16, PAGE, num_workers=5)),
                        ("tvm", _attention_decode_cpu(HKV, HQ, D, F16, False, {}))):
         f = tvm.compile(tvm.IRModule({"main": func}), target="llvm")[func.attrs["global_symbol"]]
         o = torch.full((len(lens), HQ, D), float("nan"), dtype=torch.float16)
         lse = torch.full((len(lens), HQ), float("nan"))
-        f(q, pages, indptr, values, last, zeros, zeros, o, lse, 0, 1.0, 1e4, 1 / math.sqrt(D))
+        f(*case.args(), o, lse, 0, 1.0, 1e4, 1 / math.sqrt(D))
         outs[name] = (o, lse)
     torch.testing.assert_close(outs["lean"][0], outs["tvm"][0], atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(outs["lean"][1], outs["tvm"][1], atol=1e-4, rtol=1e-5)  # log2 units, -5e4 if empty
     assert (outs["lean"][1][1] == paged.PAGED_EMPTY_LSE).all() and (outs["lean"][0][1] == 0).all()
-    # and both against float64 on the gathered caches
-    k = torch.zeros(len(lens), HKV, max(lens), D, dtype=torch.float16)
-    v = torch.zeros_like(k)
-    for b, n in enumerate(lens):
-        for r in range(n):
-            page = values[indptr[b] + r // PAGE]
-            k[b, :, r], v[b, :, r] = pages[page, 0, :, r % PAGE], pages[page, 1, :, r % PAGE]
-    ref_o, ref_lse = decode_attention_reference(q, k, v, lens, 1 / math.sqrt(D))
-    lse_nat = torch.where(outs["lean"][1] == paged.PAGED_EMPTY_LSE, -math.inf, outs["lean"][1] / math.log2(math.e))
-    assert_attention_close(outs["lean"][0], lse_nat, ref_o, ref_lse, torch.float16)
+    # and against float64 on the gathered caches
+    k, v = paged_cases.dense_from_pages(case)
+    ref_o, ref_lse = decode_attention_reference(case.q, k, v, lens, 1 / math.sqrt(D))
+    assert_attention_close(outs["lean"][0], paged_cases.lse_natural(outs["lean"][1]), ref_o, ref_lse, torch.float16)
+
+
+def test_paged_gpu_kernel_rejects_page_sizes_it_cannot_tile():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        paged.make_paged_decode_gpu(HKV, HQ, D, F16, page_size=8)
+
+
+def kv_cache_module(target_kind: str):
+    return paged.kv_cache_module(target_kind, HQ, HKV, D, F16, PAGE)
 
 
 def test_paged_kv_cache_runtime_runs_lean_decode():
     """TVM's own PagedKVCache runtime (llvm), prefill then one decode step, with its decode kernel
     swapped for LeanAttention: the same output as with TVM's kernel and float64."""
-    import tvm_ffi
-    from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
-
-    def module():
-        bb = relax.BlockBuilder()
-        with bb.function("create", []):
-            kv = TIRPagedKVCache(
-                attn_kind="mha", max_batch_size=4, max_total_seq_len=1024, prefill_chunk_size=512, page_size=PAGE,
-                support_sliding_window=0, layer_partition=relax.ShapeExpr([0, 1]), num_hidden_layers=1,
-                num_attention_heads=HQ, num_key_value_heads=HKV, qk_head_dim=D, v_head_dim=D,
-                mla_original_qk_head_dim=0, mla_original_v_head_dim=0, rope_mode=RopeMode.NONE, rope_scale=1,
-                rope_theta=10000, rope_scaling={}, rope_ext_factors=relax.prim_value(0), rotary_dim=D,
-                enable_disaggregation=False, dtype=F16, target=tvm.target.Target("llvm"))
-            bb.emit_func_output(bb.emit(kv._expr))
-        return bb.finalize()
-
-    fn = {n: tvm_ffi.get_global_func("vm.builtin." + n) for n in (
-        "kv_state_add_sequence", "kv_state_begin_forward", "kv_state_end_forward",
-        "attention_kv_cache_attention_with_fused_qkv")}
     lens = [37, 100, 16]
     g = torch.Generator().manual_seed(0)
     qkv_prefill = torch.randn(sum(lens), HQ + 2 * HKV, D, generator=g).half()
     qkv_decode = torch.randn(len(lens), HQ + 2 * HKV, D, generator=g).half()
-    seqs = tvm_ffi.Shape(list(range(len(lens))))
-    base = module()
-    lean_mod, swapped = paged.use_lean_paged_decode(base)
+    base = kv_cache_module("llvm")
+    lean_mod, swapped = paged.use_lean_paged_decode(base, "llvm")
     assert swapped == 1
     outs = {}
     for name, mod in (("tvm", base), ("lean", lean_mod)):
-        kv = relax.VirtualMachine(lean_relax.build(mod, "llvm"), CPU)["create"]()
-        for s in range(len(lens)):
-            fn["kv_state_add_sequence"](kv, s)
-        for qkv, append in ((qkv_prefill, lens), (qkv_decode, [1] * len(lens))):
-            fn["kv_state_begin_forward"](kv, seqs, tvm_ffi.Shape(append))
-            out = torch.zeros(qkv.shape[0], HQ, D, dtype=torch.float16)
-            fn["attention_kv_cache_attention_with_fused_qkv"](kv, 0, 1 / math.sqrt(D), qkv, out)
-            fn["kv_state_end_forward"](kv)
-        outs[name] = out
+        create = relax.VirtualMachine(lean_relax.build(mod, "llvm"), CPU)["create"]
+        outs[name] = paged_cases.kv_cache_decode(create, lens, qkv_prefill, qkv_decode, HQ, 1 / math.sqrt(D))
     torch.testing.assert_close(outs["lean"], outs["tvm"], atol=1e-3, rtol=1e-3)
-    off = [0, *np.cumsum(lens).tolist()]
-    k = torch.zeros(len(lens), HKV, max(lens) + 1, D, dtype=torch.float16)
-    v = torch.zeros_like(k)
-    for b, n in enumerate(lens):
-        k[b, :, :n] = qkv_prefill[off[b]:off[b] + n, HQ:HQ + HKV].transpose(0, 1)
-        v[b, :, :n] = qkv_prefill[off[b]:off[b] + n, HQ + HKV:].transpose(0, 1)
-        k[b, :, n], v[b, :, n] = qkv_decode[b, HQ:HQ + HKV], qkv_decode[b, HQ + HKV:]
+    k, v = paged_cases.dense_from_fused_qkv(lens, qkv_prefill, qkv_decode, HQ, HKV)
     ref_o, _ = decode_attention_reference(qkv_decode[:, :HQ], k, v, [n + 1 for n in lens], 1 / math.sqrt(D))
     torch.testing.assert_close(outs["lean"].double(), ref_o, atol=2e-3, rtol=1e-2)
+
+
+def test_paged_swap_on_cuda_module_uses_the_gpu_kernel():
+    base = kv_cache_module("cuda")
+    mod, swapped = paged.use_lean_paged_decode(base, "cuda")
+    assert swapped == 1
+    funcs = [f for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)
+             and f.attrs.get("global_symbol") == "batch_decode_paged_kv"]
+    assert len(funcs) == 1 and funcs[0].attrs[lean_relax.KERNEL_ATTR] == "lean_tvm"
+    with pytest.raises(ValueError, match="target_kind"):
+        paged.use_lean_paged_decode(base, "rocm")

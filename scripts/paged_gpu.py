@@ -1,0 +1,192 @@
+r"""LeanAttention in TVM's paged-KV-cache form on the GPU (runtime-only TVM): correctness against
+float64 and TVM's own paged decode kernel, inside TVM's KV cache runtime, and device time.
+
+Build first on the CPU machine: ``python scripts/build_relax_gpu.py`` (writes build/relax_gpu/;
+``paged_*`` files) and, for the streaming-read reference and our dense kernel on the same K/V,
+``python -m lean_tvm.build --arch sm_90a --out build/sm_90a``. On the GPU machine, carrying
+``[".whl", "build/relax_gpu", "build/sm_90a"]``:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
+    PYTHONPATH=/tmp/site:$PWD/build/relax_gpu/site:$PWD/build/relax_gpu:$PWD LEAN_TVM_LIB_DIR=build/sm_90a \
+    python3 scripts/paged_gpu.py
+
+Environment: RELAX_GPU_DIR (default build/relax_gpu), OUT (writes $OUT/paged_gpu.json).
+Timing (lean_tvm.timing): median [p10-p90] of 30 calls, each behind a 256 MB L2-flushing read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIR = os.environ.get("RELAX_GPU_DIR", os.path.join(REPO, "build", "relax_gpu"))
+sys.path[:0] = [os.path.join(DIR, "site"), DIR, REPO]
+
+from lean_runtime import load_tvm_cuda_runtime  # noqa: E402
+
+tvm = load_tvm_cuda_runtime()
+from tvm.runtime.vm import VirtualMachine  # noqa: E402
+
+from lean_tvm import paged_cases  # noqa: E402
+from lean_tvm.reference import decode_attention_reference  # noqa: E402
+from lean_tvm.timing import Timer, gpu_clocks  # noqa: E402
+
+DEV = torch.device("cuda")
+TOL = dict(atol=2e-3, rtol=1e-2)  # fp16 output vs float64
+LSE_TOL = dict(atol=1e-3, rtol=1e-4)
+CHECK_LENS = {
+    "ragged + empty": [37, 0, 16, 1, 200, 64, 17, 4096, 4097, 15],
+    "one long": [70001],
+    "uniform 8 x 2k": [2048] * 8,
+}
+TIMED = {"B1 L4k": [4096], "B1 L16k": [16384], "B1 L64k": [65536], "B1 L128k": [131072],
+         "B8 L4k": [4096] * 8, "B32 L2k": [2048] * 32, "1x64k + 15x2k": [65536] + [2048] * 15}
+CACHE_LENS = [37, 1000, 16, 4000, 1]  # TVM's KV cache runtime: prefill these, then one decode step
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class PagedKernels:
+    def __init__(self, manifest: dict):
+        p = manifest["paged"]
+        self.hq, self.hkv, self.d, self.ps = p["num_qo_heads"], p["num_kv_heads"], p["head_dim"], p["page_size"]
+        lib = tvm.runtime.load_module(os.path.join(DIR, manifest["files"]["paged_kernels"]["file"]))
+        self.fns = {form: lib[symbol] for form, symbol in p["kernels"].items()}
+        self.scale = 1 / math.sqrt(self.d)
+
+    def case(self, lens, seed=0):
+        return paged_cases.random_paged_cache(lens, self.hq, self.hkv, self.d, self.ps, device=DEV, seed=seed)
+
+    def call(self, form: str, case):
+        b = len(case.lens)
+        o = torch.full((b, self.hq, self.d), float("nan"), dtype=case.q.dtype, device=DEV)
+        lse = torch.full((b, self.hq), float("nan"), device=DEV)
+        args = case.args()
+        return (lambda: self.fns[form](*args, o, lse, 0, 1.0, 1e4, self.scale)), o, lse
+
+
+def check_kernels(k: PagedKernels, results: dict) -> bool:
+    ok = True
+    for name, lens in CHECK_LENS.items():
+        case = k.case(lens, seed=len(lens))
+        kd, vd = paged_cases.dense_from_pages(case)
+        ref_o, ref_lse = decode_attention_reference(case.q, kd, vd, lens, k.scale)
+        outs = {}
+        for form in ("tvm", "lean"):
+            fn, o, lse = k.call(form, case)
+            fn()
+            torch.cuda.synchronize()
+            outs[form] = (o, lse)
+            empty = torch.tensor([n == 0 for n in lens], device=DEV)
+            err = (o.double() - ref_o).abs().max().item()
+            good = torch.allclose(o.double(), ref_o, **TOL) and not torch.isnan(lse).any()
+            nat = paged_cases.lse_natural(lse)
+            good &= torch.allclose(nat.double()[~empty], ref_lse[~empty], **LSE_TOL)
+            good &= bool((lse[empty] == paged_cases.PAGED_EMPTY_LSE).all()) and bool((o[empty] == 0).all())
+            log(f"[check] paged kernel {form:4s} {name:16s}: max|err| vs float64 {err:.2e} {'OK' if good else 'FAIL'}")
+            results["checks"][f"kernel_{form}_{name}"] = {"max_err": err, "ok": bool(good)}
+            ok &= bool(good)
+        diff = (outs["lean"][0].float() - outs["tvm"][0].float()).abs().max().item()
+        log(f"[check] paged kernel lean vs tvm {name:16s}: max|diff| {diff:.2e}")
+    return ok
+
+
+def check_kv_cache(manifest: dict, k: PagedKernels, results: dict) -> bool:
+    g = torch.Generator().manual_seed(5)
+    width = k.hq + 2 * k.hkv
+    qkv_prefill = torch.randn(sum(CACHE_LENS), width, k.d, generator=g).half().to(DEV)
+    qkv_decode = torch.randn(len(CACHE_LENS), width, k.d, generator=g).half().to(DEV)
+    kd, vd = paged_cases.dense_from_fused_qkv(CACHE_LENS, qkv_prefill, qkv_decode, k.hq, k.hkv)
+    ref, _ = decode_attention_reference(qkv_decode[:, :k.hq], kd, vd, [n + 1 for n in CACHE_LENS], k.scale)
+    ok, outs = True, {}
+    for form in ("tvm", "lean"):
+        path = os.path.join(DIR, manifest["files"][f"paged_cache_{form}"]["file"])
+        create = VirtualMachine(tvm.runtime.load_module(path), tvm.cuda(0))["create"]
+        outs[form] = paged_cases.kv_cache_decode(create, CACHE_LENS, qkv_prefill, qkv_decode, k.hq, k.scale)
+        torch.cuda.synchronize()
+        err = (outs[form].double() - ref).abs().max().item()
+        good = torch.allclose(outs[form].double(), ref, **TOL)
+        log(f"[check] TVM KV cache runtime, decode kernel {form:4s}: max|err| vs float64 {err:.2e} "
+            f"{'OK' if good else 'FAIL'}")
+        results["checks"][f"kv_cache_{form}"] = {"max_err": err, "ok": bool(good)}
+        ok &= bool(good)
+    return ok
+
+
+def dense_and_stream(case, k: PagedKernels):
+    """Our dense operator on the same K/V, and the streaming read of its bytes (the operator
+    library, if LEAN_TVM_LIB_DIR points at one)."""
+    try:
+        import lean_tvm
+        from lean_tvm import runtime
+    except ImportError:
+        return {}
+    kd, vd = paged_cases.dense_from_pages(case)
+    lens = torch.tensor(case.lens, dtype=torch.int32, device=DEV)
+    out = {"lean_dense": lambda: lean_tvm.decode_attention(case.q, kd, vd, lens, check_lengths=False)}
+    try:
+        read = runtime.library_for(DEV).function("stream_read")
+    except Exception as e:  # noqa: BLE001 -- no library: no reference column
+        log(f"no streaming-read reference: {e}")
+        return out
+    nbytes = 2 * sum(case.lens) * k.hkv * k.d * 2
+    x = torch.empty(nbytes // 16, 8, dtype=torch.float16, device=DEV)
+    sink = torch.empty(1 << 20, device=DEV)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out["stream"] = lambda: read(x, sink, 4 * sms)
+    return out
+
+
+def time_all(k: PagedKernels, results: dict) -> None:
+    timer = Timer(DEV)
+    timer.warm_clocks()
+    log("\ndevice time, us: median [p10-p90] of 30, L2 flushed by a 256 MB read; KV MB; lean vs TVM's kernel")
+    for name, lens in TIMED.items():
+        case = k.case(lens)
+        fns = {form: k.call(form, case)[0] for form in ("tvm", "lean")}
+        fns.update(dense_and_stream(case, k))
+        row = {form: timer.device_time(fn) for form, fn in fns.items()}
+        mb = 2 * sum(lens) * k.hkv * k.d * 2 / 1e6
+        cols = "  ".join(f"{f} {s.median:8.1f} [{s.p10:.0f}-{s.p90:.0f}]" for f, s in row.items())
+        log(f"{name:>14} {mb:7.1f} MB | {cols} | lean/tvm {row['tvm'].median / row['lean'].median:.2f}x")
+        results["timings"][name] = {"lens": lens if len(lens) <= 16 else f"{len(lens)} seqs", "kv_mb": mb,
+                                    **{f: vars(s) for f, s in row.items()}}
+        del case
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    with open(os.path.join(DIR, "manifest.json")) as f:
+        manifest = json.load(f)
+    props = torch.cuda.get_device_properties(0)
+    resident = props.multi_processor_count * manifest["paged"]["knobs"]["ctas_per_sm"]
+    if manifest["paged"]["workers"] > resident:
+        log(f"LeanAttention built for {manifest['paged']['workers']} workers; this GPU holds {resident} CTAs")
+        return 1
+    log(f"{torch.cuda.get_device_name()} SMs={props.multi_processor_count} torch {torch.__version__} "
+        f"tvm {tvm.__version__} (runtime only) paged config {manifest['paged']}")
+    k = PagedKernels(manifest)
+    results = {"device": torch.cuda.get_device_name(), "clocks": gpu_clocks(DEV),
+               "date": time.strftime("%Y-%m-%d %H:%M"), "config": manifest["paged"],
+               "commit": os.environ.get("LEAN_TVM_COMMIT", ""), "checks": {}, "timings": {}}
+    ok = check_kernels(k, results)
+    ok &= check_kv_cache(manifest, k, results)
+    time_all(k, results)
+    if os.environ.get("OUT"):
+        os.makedirs(os.environ["OUT"], exist_ok=True)
+        with open(os.path.join(os.environ["OUT"], "paged_gpu.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    log("\nOK paged_gpu" if ok else "\nFAILED paged_gpu (see the [check] lines)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
