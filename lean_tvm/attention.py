@@ -388,37 +388,80 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                     bufs.WSML[slot, 1, T.truncdiv(x, D)] = bufs.el[e]
 
     @T.macro
+    def fold(bufs, e, m, l, w, w0):
+        """(em, el, eo)[e] <- their merge with the state (m, l, w[w0:w0 + 4]); either may be empty
+        (m = -inf: the rescale is taken against 0 so no inf - inf appears)."""
+        bufs.red[0] = T.max(bufs.em[e], m)
+        bufs.red[1] = T.Select(bufs.red[0] == ninf, T.float32(0), bufs.red[0])
+        bufs.red[2] = T.exp2(m - bufs.red[1])
+        bufs.red[1] = T.exp2(bufs.em[e] - bufs.red[1])
+        bufs.el[e] = bufs.el[e] * bufs.red[1] + l * bufs.red[2]
+        for j in T.unroll(4):
+            bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] * bufs.red[1] + w[w0 + j] * bufs.red[2]
+        bufs.em[e] = bufs.red[0]
+
+    @T.macro
+    def merge_some(bufs, e, x, top, n, valid, groups, grp):
+        """Fold partials i = grp, grp + groups, ... (< n) into state e, CU at a time: their loads
+        issue together and unconditionally (from a clamped, always-valid slot; invalid ones masked
+        after the load), so a tile shared by many CTAs costs a few L2 round trips."""
+        hh = T.meta_var(T.truncdiv(x, D))
+        for i0 in range(T.truncdiv(n + CU * groups - 1, CU * groups)):
+            for u in T.unroll(CU):
+                # No branch may guard a load here (Select evaluates both sides, && would
+                # not): nvcc then issues all CU partials' loads before the first use.
+                idx = T.meta_var((i0 * CU + u) * groups + grp)
+                slot = T.meta_var(T.max(top - idx, 0))
+                bufs.ok[u] = T.Select(idx < n, valid[T.min(idx, NT - 1)], 0)
+                bufs.mc[u] = bufs.WSML[slot, 0, hh]
+                bufs.lc[u] = bufs.WSML[slot, 1, hh]
+                for j in T.vectorized(4):
+                    bufs.w4[u * 4 + j] = bufs.WSO[slot, hh, T.truncmod(x, D) + j]
+            for u in T.unroll(CU):
+                bufs.mc[u] = T.Select(bufs.ok[u] != 0, bufs.mc[u], ninf)
+                bufs.lc[u] = T.Select(bufs.ok[u] != 0, bufs.lc[u], T.float32(0))
+                for j in T.unroll(4):
+                    bufs.w4[u * 4 + j] = T.Select(bufs.ok[u] != 0, bufs.w4[u * 4 + j], T.float32(0))
+            for u in T.unroll(CU):
+                fold(bufs, e, bufs.mc[u], bufs.lc[u], bufs.w4, u * 4)
+
+    @T.macro
     def merge_partials(bufs, top, n, valid):
-        """One online pass over the partials, CU at a time: their loads are issued together and
-        unconditionally (from a clamped, always-valid slot; invalid ones masked after the load),
-        so a tile shared by many CTAs costs a few L2 round trips, not one per partial."""
-        for e in T.unroll(E):
-            x = T.meta_var((e * NT + bufs.tx) * 4)
-            hh = T.meta_var(T.truncdiv(x, D))
-            if x < bufs.G * D:
-                for i0 in range(T.truncdiv(n + CU - 1, CU)):
-                    for u in T.unroll(CU):
-                        # No branch may guard a load here (Select evaluates both sides, && would
-                        # not): nvcc then issues all CU partials' loads before the first use.
-                        slot = T.meta_var(T.max(top - i0 * CU - u, 0))
-                        bufs.ok[u] = T.Select(i0 * CU + u < n, valid[T.min(i0 * CU + u, NT - 1)], 0)
-                        bufs.mc[u] = bufs.WSML[slot, 0, hh]
-                        bufs.lc[u] = bufs.WSML[slot, 1, hh]
-                        for j in T.vectorized(4):
-                            bufs.w4[u * 4 + j] = bufs.WSO[slot, hh, T.truncmod(x, D) + j]
-                    for u in T.unroll(CU):
-                        bufs.mc[u] = T.Select(bufs.ok[u] != 0, bufs.mc[u], ninf)
-                        bufs.lc[u] = T.Select(bufs.ok[u] != 0, bufs.lc[u], T.float32(0))
-                        for j in T.unroll(4):
-                            bufs.w4[u * 4 + j] = T.Select(bufs.ok[u] != 0, bufs.w4[u * 4 + j], T.float32(0))
-                    for u in T.unroll(CU):
-                        bufs.red[0] = T.max(bufs.em[e], bufs.mc[u])  # finite: em is
-                        bufs.red[1] = T.exp2(bufs.em[e] - bufs.red[0])
-                        bufs.red[2] = T.exp2(bufs.mc[u] - bufs.red[0])
-                        bufs.el[e] = bufs.el[e] * bufs.red[1] + bufs.lc[u] * bufs.red[2]
-                        for j in T.unroll(4):
-                            bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] * bufs.red[1] + bufs.w4[u * 4 + j] * bufs.red[2]
-                        bufs.em[e] = bufs.red[0]
+        """Fold the partials of slots top - i (valid[i] != 0, i < n) into the CTA's state. When the
+        tile's G * D / 4 quads leave threads idle (few heads: G = 1 has 32 quads for 256 threads)
+        the threads form ``groups`` copies of the quads, each group folds every groups-th partial,
+        and group 0 folds the others' results from shared memory: a one-tile batch with ~130
+        partials takes a few L2 round trips instead of ~17."""
+        if E == 1:
+            quads = T.meta_var(T.truncdiv(bufs.G * D, 4))
+            groups = T.meta_var(T.max(T.truncdiv(NT, quads), 1))
+            grp = T.meta_var(T.truncdiv(bufs.tx, quads))
+            x = T.meta_var(T.truncmod(bufs.tx, quads) * 4)
+            if grp < groups:
+                if grp > 0:  # helpers start empty; group 0 holds the reducer's own state
+                    bufs.em[0] = ninf
+                    bufs.el[0] = T.float32(0)
+                    for j in T.unroll(4):
+                        bufs.eo[j] = T.float32(0)
+                merge_some(bufs, 0, x, top, n, valid, groups, grp)
+            if groups > 1:
+                # Group states through the (now free) warp-state area: o, then m and l.
+                T.tvm_storage_sync("shared")
+                if grp < groups and grp > 0:
+                    for j in T.vectorized(4):
+                        bufs.ACCW[bufs.tx * 4 + j] = bufs.eo[j]
+                    bufs.ACCW[NT * 4 + bufs.tx] = bufs.em[0]
+                    bufs.ACCW[NT * 5 + bufs.tx] = bufs.el[0]
+                T.tvm_storage_sync("shared")
+                if grp == 0:
+                    for g in range(groups - 1):
+                        t = T.meta_var((g + 1) * quads + bufs.tx)
+                        fold(bufs, 0, bufs.ACCW[NT * 4 + t], bufs.ACCW[NT * 5 + t], bufs.ACCW, t * 4)
+        else:
+            for e in T.unroll(E):
+                x = T.meta_var((e * NT + bufs.tx) * 4)
+                if x < bufs.G * D:
+                    merge_some(bufs, e, x, top, n, valid, 1, 0)
 
     @T.macro
     def write_output(bufs, b, h):
