@@ -13,6 +13,9 @@ Every system runs in this one process on the same K/V values, one shape at a tim
   longest sequence plus a boolean mask, which the flash backend may refuse);
 * ``flashinfer`` / ``flashinfer-tc``: ``BatchDecodeWithPagedKVCacheWrapper`` without / with
   tensor cores, on a page-size-16 copy of the same cache; ``plan()`` host time in its own column;
+* ``tvm-tir``: TVM's own decode TIR kernel (``tvm.relax.frontend.nn.llm``, what its PagedKVCache
+  runs), built through ``cuda_host`` into a library of its own (``python -m lean_tvm.build ...
+  --with-tvm-peer``), on the same paged copy; skipped with the reason when that library is missing;
 * ``stream``: a TIR streaming read of exactly the K+V bytes that must move, the yardstick,
   timed before and after the systems (the faster one is used, so percentages are conservative).
 
@@ -20,7 +23,8 @@ Device time: :class:`lean_tvm.timing.Timer` (L2 flushed by a 256 MB read, the la
 behind a sleep, CUDA events, median and p10/p90 of >= 30 reps). Host time: per-call wall time from
 Python with calls queued back to back, and for ``lean`` also the replay of a captured CUDA graph.
 Before timing, every system's output is checked against a reference (SDPA for uniform batches,
-float64 for ragged ones); a failing row is marked, never dropped.
+float64 for ragged ones), and its LSE where the runner reports one; a failing row is marked,
+never dropped.
 
 This module imports without CUDA, flashinfer, apache-tvm or matplotlib: the grid, the byte
 arithmetic and the writers are pure and tested on the CPU (``tests/test_bench.py``).
@@ -49,12 +53,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import runtime
+from . import runtime, tvm_peer
+from .paged_cases import PagedCase, lse_natural
 from .timing import Timer, gpu_clocks
 
 K, M = 1024, 1024 * 1024
 LEAN_SYSTEMS = ("lean", "lean-nosplit", "lean-fixedsplit")
-PEERS = ("cudnn", "flash", "flashinfer", "flashinfer-tc")
+TVM_TIR = "tvm-tir"
+PEERS = ("cudnn", "flash", "flashinfer", "flashinfer-tc", TVM_TIR)
+PAGED_PEERS = ("flashinfer", "flashinfer-tc", TVM_TIR)  # they share one paged copy of the cache
 SYSTEMS = LEAN_SYSTEMS + PEERS
 STREAM = "stream"
 SPLITS = (2, 4, 8, 16, 32, 64, 128)
@@ -430,6 +437,7 @@ class Case:
     scale: float
     ref: torch.Tensor | None = None
     ref_kind: str = ""
+    ref_lse: torch.Tensor | None = None  # made on first use (reference_lse)
 
     @property
     def k(self) -> torch.Tensor:
@@ -457,14 +465,33 @@ def reference_float64(case: Case, chunk_bytes: int = 512 * M) -> torch.Tensor:
     s = case.shape
     g = s.hq // s.hkv
     out = torch.empty(s.batch, s.hq, s.head_dim, dtype=torch.float64, device=case.q.device)
-    for b, n in enumerate(s.lens):
-        step = max(1, chunk_bytes // (n * s.head_dim * 8))
-        for h0 in range(0, s.hkv, step):
-            h1 = min(s.hkv, h0 + step)
-            o, _ = decode_attention_reference(case.q[b:b + 1, h0 * g:h1 * g], case.k[b:b + 1, h0:h1],
-                                              case.v[b:b + 1, h0:h1], [n], case.scale)
-            out[b, h0 * g:h1 * g] = o[0]
+    for b, n, h0, h1 in head_chunks(s, chunk_bytes, 8):
+        o, _ = decode_attention_reference(case.q[b:b + 1, h0 * g:h1 * g], case.k[b:b + 1, h0:h1],
+                                          case.v[b:b + 1, h0:h1], [n], case.scale)
+        out[b, h0 * g:h1 * g] = o[0]
     return out
+
+
+def reference_lse(case: Case, chunk_bytes: int = 512 * M) -> torch.Tensor:
+    """Natural-log LSE [B, Hq] from float32 scores: it needs K only, so it is cheap next to the
+    output's reference even where that one is SDPA."""
+    s = case.shape
+    g = s.hq // s.hkv
+    out = torch.empty(s.batch, s.hq, dtype=torch.float32, device=case.q.device)
+    for b, n, h0, h1 in head_chunks(s, chunk_bytes, 4):
+        q = case.q[b, h0 * g:h1 * g].float().view(h1 - h0, g, s.head_dim)
+        scores = torch.einsum("hgd,hld->hgl", q, case.k[b, h0:h1, :n].float()) * case.scale
+        out[b, h0 * g:h1 * g] = torch.logsumexp(scores, -1).flatten()
+    return out
+
+
+def head_chunks(shape: Shape, chunk_bytes: int, elem_size: int):
+    """(b, n, h0, h1): sequence b (length n) a few KV heads at a time, so that a 512k context
+    never needs its whole cache at ``elem_size`` bytes per element at once."""
+    for b, n in enumerate(shape.lens):
+        step = max(1, chunk_bytes // (n * shape.head_dim * elem_size))
+        for h0 in range(0, shape.hkv, step):
+            yield b, n, h0, min(shape.hkv, h0 + step)
 
 
 def reference(case: Case) -> tuple[torch.Tensor, str]:
@@ -503,6 +530,7 @@ class Runner:
     output: Callable[[], torch.Tensor]  # [B, Hq, D], valid after fn() ran
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     extra: dict = dataclasses.field(default_factory=dict)
+    lse: Callable[[], torch.Tensor] | None = None  # natural-log [B, Hq] after fn(); checked when given
 
 
 def lean_runner(case: Case, num_splits: int) -> Runner:
@@ -600,8 +628,7 @@ class FlashInfer:
 
 @dataclasses.dataclass
 class PagedCache:
-    k: torch.Tensor  # [pages, Hkv, 16, D] (HND)
-    v: torch.Tensor
+    kv: torch.Tensor  # [pages, 2, Hkv, 16, D]: TVM's layout, and FlashInfer's 5-D HND form
     indptr: torch.Tensor  # int32 [B + 1], host
     indices: torch.Tensor  # int32 [pages], device
     last_page_len: torch.Tensor  # int32 [B], host
@@ -614,19 +641,22 @@ def page_table(lens: Sequence[int], page_size: int = PAGE_SIZE) -> tuple[list[in
     return indptr, [n - (p - 1) * page_size for n, p in zip(lens, pages, strict=True)]
 
 
-def copy_into_pages(src: torch.Tensor, indptr: Sequence[int]) -> torch.Tensor:
-    """[B, Hkv, Lalloc, D] -> [pages, Hkv, 16, D]: sequence b's rows fill pages indptr[b]..indptr[b+1]
-    (its last page whole, rows past its length included: last_page_len says where it ends)."""
-    _, hkv, _, d = src.shape
-    dst = torch.empty(indptr[-1], hkv, PAGE_SIZE, d, dtype=src.dtype, device=src.device)
+def copy_into_pages(kv: torch.Tensor, indptr: Sequence[int]) -> torch.Tensor:
+    """[2, B, Hkv, Lalloc, D] -> [pages, 2, Hkv, 16, D]: sequence b's K and V rows fill pages
+    indptr[b]..indptr[b+1] (its last page whole, rows past its length included: last_page_len says
+    where it ends)."""
+    _, _, hkv, _, d = kv.shape
+    dst = torch.empty(indptr[-1], 2, hkv, PAGE_SIZE, d, dtype=kv.dtype, device=kv.device)
     for b in range(len(indptr) - 1):
         p = indptr[b + 1] - indptr[b]
-        dst[indptr[b]:indptr[b + 1]] = src[b, :, :p * PAGE_SIZE].reshape(hkv, p, PAGE_SIZE, d).transpose(0, 1)
+        dst[indptr[b]:indptr[b + 1]] = kv[:, b, :, :p * PAGE_SIZE].reshape(2, hkv, p, PAGE_SIZE, d).permute(
+            2, 0, 1, 3, 4)
     return dst
 
 
 def paged_cache(case: Case) -> PagedCache:
-    """Copy the contiguous cache into 16-row pages (HND), once, outside timing: same values."""
+    """Copy the contiguous cache into 16-row pages (HND), once, outside timing: same values, one
+    copy for every paged peer."""
     s = case.shape
     indptr, last = page_table(s.lens)
     need = 2 * indptr[-1] * s.hkv * PAGE_SIZE * s.head_dim * ELEM_SIZE[s.dtype]
@@ -635,7 +665,7 @@ def paged_cache(case: Case) -> PagedCache:
         if need > free - 512 * M:
             raise Unsupported(f"paged copy of {need / 1e9:.1f} GB does not fit ({free / 1e9:.1f} GB free)")
     i32 = dict(dtype=torch.int32)
-    return PagedCache(copy_into_pages(case.k, indptr), copy_into_pages(case.v, indptr), torch.tensor(indptr, **i32),
+    return PagedCache(copy_into_pages(case.kv, indptr), torch.tensor(indptr, **i32),
                       torch.arange(indptr[-1], device=case.q.device, **i32), torch.tensor(last, **i32))
 
 
@@ -651,7 +681,7 @@ def flashinfer_runner(case: Case, fi: FlashInfer, paged: PagedCache, tensor_core
         w = fi.wrapper(tensor_cores)
         plan()  # the first plan/run JIT-compiles the module (15-25 s), outside any timing
         out = torch.empty_like(case.q)
-        w.run(case.q, (paged.k, paged.v), out=out)
+        w.run(case.q, paged.kv, out=out)
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
@@ -663,8 +693,57 @@ def flashinfer_runner(case: Case, fi: FlashInfer, paged: PagedCache, tensor_core
         plan()
         plan_us.append((time.perf_counter() - t0) * 1e6)
     backend = getattr(w, "resolved_backend", "")
-    return Runner(lambda: w.run(case.q, (paged.k, paged.v), out=out), lambda: out,
+    return Runner(lambda: w.run(case.q, paged.kv, out=out), lambda: out,
                   extra={"plan_us": float(np.median(plan_us)), "backend": str(backend)})
+
+
+class TvmPeer:
+    """TVM's decode kernels from the library beside the lean one (``tvm_peer``), loaded once with
+    tvm-ffi; ``error`` says why they are missing."""
+
+    def __init__(self, device: torch.device):
+        self.error, self.library, self.kernels = "", "", {}
+        try:
+            lib = runtime.library_for(device)
+            entry = lib.manifest.get(tvm_peer.MANIFEST_KEY)
+            if entry is None:
+                arch = lib.manifest.get("arch", "<arch>")
+                raise Unsupported(f"no TVM peer library beside the lean one: build it with `python -m lean_tvm.build "
+                                  f"--arch {arch} --out DIR --with-tvm-peer`")
+            import tvm_ffi
+
+            module = tvm_ffi.load_module(str(lib.path.parent / entry["library"]))
+            self.kernels = {(k["hq"], k["hkv"], k["head_dim"], k["dtype"]): module[k["name"]] for k in entry["kernels"]}
+            self.library = entry["library"]
+        except Unsupported as e:
+            self.error = str(e)
+        except Exception as e:  # noqa: BLE001 - a library that does not load is a reason, not a crash
+            self.error = f"TVM peer library not loadable: {type(e).__name__}: {str(e).strip()[:200]}"
+
+    def kernel(self, shape: Shape):
+        if self.error:
+            raise Unsupported(self.error)
+        fn = self.kernels.get((shape.hq, shape.hkv, shape.head_dim, shape.dtype))
+        if fn is None:
+            raise Unsupported(f"no TVM kernel for {shape.hq}/{shape.hkv} D{shape.head_dim} {shape.dtype} in "
+                              f"{self.library}")
+        return fn
+
+
+def tvm_paged_case(case: Case, paged: PagedCache) -> PagedCase:
+    """The paged copy as TVM's kernel takes it (page table and last-page lengths on the device)."""
+    dev = case.q.device
+    return PagedCase(case.q, paged.kv, paged.indptr.to(dev), paged.indices, paged.last_page_len.to(dev),
+                     list(case.shape.lens))
+
+
+def tvm_runner(case: Case, peer: TvmPeer, paged: PagedCache) -> Runner:
+    """TVM's kernel without RoPE (rotary_mode 0); its lse comes in log2 units."""
+    fn = peer.kernel(case.shape)
+    args = tvm_paged_case(case, paged).args()
+    out = torch.empty_like(case.q)
+    lse = torch.empty(case.shape.batch, case.shape.hq, device=case.q.device, dtype=torch.float32)
+    return Runner(lambda: fn(*args, out, lse, 0, 1.0, 1e4, case.scale), lambda: out, lse=lambda: lse_natural(lse))
 
 
 def stream_runner(case: Case, sink: torch.Tensor, grid: int) -> Runner:
@@ -692,10 +771,15 @@ def sync() -> None:
 
 
 def check(runner: Runner, case: Case) -> tuple[float, bool]:
+    """The larger relative error of the output and (when the runner reports it) the LSE."""
     with runner.context():
         runner.fn()
     sync()
     err = rel_error(runner.output(), case.ref)
+    if runner.lse is not None:
+        if case.ref_lse is None:
+            case.ref_lse = reference_lse(case)
+        err = max(err, rel_error(runner.lse(), case.ref_lse))
     return err, err <= tolerance(case.shape.dtype)
 
 
@@ -738,6 +822,7 @@ class Bench:
         self.sms = runtime.num_sms(device)
         self.sink = torch.empty(1 << 20, device=device, dtype=torch.float32)
         self.fi = FlashInfer(device) if any(s.startswith("flashinfer") for s in systems) else None
+        self.tvm_peer = TvmPeer(device) if TVM_TIR in systems else None
 
     def run_shape(self, shape: Shape, progress: Callable[[str], None] = lambda s: None) -> list[dict]:
         try:
@@ -760,9 +845,8 @@ class Bench:
         for system in self.systems:
             progress(system)
             try:
-                if system.startswith("flashinfer") and paged is None:
-                    if self.fi.error:
-                        raise Unsupported(self.fi.error)
+                if system in PAGED_PEERS and paged is None:
+                    self._require(system)
                     paged = paged_cache(case)
                 results[system] = self._run_system(system, case, paged)
             except Unsupported as e:
@@ -784,6 +868,12 @@ class Bench:
         del case, paged, results
         return derive(rows)
 
+    def _require(self, system: str) -> None:
+        """A paged peer that cannot run says so before the cache is copied for it."""
+        error = (self.tvm_peer if system == TVM_TIR else self.fi).error
+        if error:
+            raise Unsupported(error)
+
     def _run_system(self, system: str, case: Case, paged: PagedCache | None) -> dict:
         if system == "lean-fixedsplit":
             return self._best_fixed_split(case)
@@ -791,6 +881,8 @@ class Bench:
             runner = lean_runner(case, 0 if system == "lean" else 1)
         elif system in SDPA_BACKENDS:
             runner = sdpa_runner(case, system)
+        elif system == TVM_TIR:
+            runner = tvm_runner(case, self.tvm_peer, paged)
         else:
             t0 = time.perf_counter()
             runner = flashinfer_runner(case, self.fi, paged, tensor_cores=system == "flashinfer-tc")
@@ -799,7 +891,8 @@ class Bench:
         err, ok = check(runner, case)
         res = {"rel_err": err, "ok": ok, **{k: v for k, v in runner.extra.items() if k in FIELDS}}
         res.update(time_runner(self.timer, runner, self.reps))
-        notes = [] if ok else [f"output differs from the {case.ref_kind} reference (rel. err {err:.2e})"]
+        what = "output or lse" if runner.lse is not None else "output"
+        notes = [] if ok else [f"{what} differs from the {case.ref_kind} reference (rel. err {err:.2e})"]
         if system == "lean":
             try:
                 res["graph_us"] = graph_host_us(self.timer, runner, res["median_us"])
@@ -857,7 +950,8 @@ def gpu_dir_name(gpu_name: str) -> str:
     return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")).lower() or "gpu"
 
 
-def collect_meta(device: torch.device, args, systems: Sequence[str], fi: FlashInfer | None) -> dict:
+def collect_meta(device: torch.device, args, systems: Sequence[str], fi: FlashInfer | None,
+                 tvm_peer: TvmPeer | None) -> dict:
     props = torch.cuda.get_device_properties(device)
     lib = runtime.library_for(device)
     try:
@@ -873,7 +967,8 @@ def collect_meta(device: torch.device, args, systems: Sequence[str], fi: FlashIn
         "clocks_before": gpu_clocks(device), "torch": torch.__version__, "cuda": torch.version.cuda,
         "tvm_ffi": ffi_version, "lean_library": lib.path.name, "lean_library_sha256": so_sha,
         "lean_source_sha256": lib.manifest.get("source_sha256"), "lean_built": lib.manifest.get("built"),
-        "flashinfer": (fi.version or fi.error) if fi else "not run", "commit": git_commit(),
+        "flashinfer": (fi.version or fi.error) if fi else "not run",
+        "tvm_peer": (tvm_peer.library or tvm_peer.error) if tvm_peer else "not run", "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv, "systems": list(systems), "reps": args.reps, "seed": args.seed,
         "timing": "Timer.device_time: 256 MB read-flush + torch.cuda._sleep before each call, CUDA events; "
@@ -982,7 +1077,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = {r["shape"] for r in rows}
     todo = [s for s in shapes if s.name not in done]
     bench = Bench(device, systems, args.reps, args.seed)
-    meta = collect_meta(device, args, systems, bench.fi)
+    meta = collect_meta(device, args, systems, bench.fi, bench.tvm_peer)
     meta["rows_kept_from_earlier_run"] = len(rows)  # --resume: those rows carry an earlier run's clocks
     print(f"[bench] {meta['gpu']}, {len(todo)} shapes x {len(systems)} systems (+ stream) -> {out}", flush=True)
     bench.timer.warm_clocks()

@@ -5,7 +5,10 @@ TensorIR (``attention.py``) -> stream-K schedule -> CUDA C++ with tvm-ffi launch
 ``libtvm_ffi`` at run time (no TVM): the GPU machines and serving boxes carry torch and tvm-ffi.
 ``--arch cpu`` builds the ``llvm`` form the same way (no nvcc needed).
 
-    python -m lean_tvm.build --arch sm_90a --out build/sm_90a
+    python -m lean_tvm.build --arch sm_90a --out build/sm_90a [--with-tvm-peer]
+
+``--with-tvm-peer`` adds TVM's own decode kernel, the benchmark's peer, as a library of its own
+(``tvm_peer.py``): the operator library stays as it is.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from . import tvm_peer
 from .schedule_records import knobs_for, load_records
 from .spec import DTYPES, HEAD_DIMS, MAX_GROUPS, AttentionSpec
 
@@ -137,24 +141,15 @@ def compile_library(arch: str, out_dir: str, funcs: dict, kernels: list[dict], k
     kernels = [*kernels, {"name": stream_read.NAME, "op": "stream_read"}]
     _log(f"TIR -> CUDA C++ ({len(funcs)} kernels, {arch})")
     src = cuda_source_of_module(tvm.IRModule(funcs), arch)
-    cu = os.path.join(out_dir, f"lean_tvm_{arch}.cu")
-    with open(cu, "w") as f:
-        f.write(src)
     lib = os.path.join(out_dir, LIBRARY.format(arch=arch))
-    cmd = [nvcc, "-O3", "-std=c++17", *gencode(arch), "-shared", "-Xcompiler", "-fPIC",
-           "--resource-usage", "-diag-suppress=174,177,550,1046", cu, "-o", lib, *tvm_ffi_link_flags()]
-    _log(f"nvcc {arch}: compiling {os.path.basename(cu)} ({len(src) // 1024} KiB of CUDA)")
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise BuildError(f"nvcc failed for {arch}:\n{res.stderr[-4000:]}")
-    usage = parse_resource_usage(res.stdout + res.stderr)
+    usage = nvcc_library(arch, src, lib)
     for k in kernels:
         k["resources"] = usage.get(k["name"], {})
     spills = {k["name"]: k["resources"].get("spill_bytes") for k in kernels if k["resources"].get("spill_bytes")}
     if spills:
         _log(f"WARNING: register spills {spills}")
     if not keep_source:
-        os.remove(cu)
+        os.remove(_source_path(lib))
     manifest = {
         "arch": arch,
         "library": os.path.basename(lib),
@@ -169,6 +164,45 @@ def compile_library(arch: str, out_dir: str, funcs: dict, kernels: list[dict], k
         json.dump(manifest, f, indent=1)
     _log(f"wrote {lib} ({os.path.getsize(lib) // 1024} KiB) and {MANIFEST}")
     return manifest
+
+
+def nvcc_library(arch: str, src: str, lib: str) -> dict[str, dict[str, int]]:
+    """CUDA C++ (kept beside the library as ``.cu``) -> a shared library that needs only libtvm_ffi
+    at run time; returns ptxas's resource usage per kernel."""
+    nvcc = find_nvcc()
+    cu = _source_path(lib)
+    with open(cu, "w") as f:
+        f.write(src)
+    cmd = [nvcc, "-O3", "-std=c++17", *gencode(arch), "-shared", "-Xcompiler", "-fPIC",
+           "--resource-usage", "-diag-suppress=174,177,550,1046", cu, "-o", lib, *tvm_ffi_link_flags()]
+    _log(f"nvcc {arch}: compiling {os.path.basename(cu)} ({len(src) // 1024} KiB of CUDA)")
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BuildError(f"nvcc failed for {arch}:\n{res.stderr[-4000:]}")
+    return parse_resource_usage(res.stdout + res.stderr)
+
+
+def _source_path(lib: str) -> str:
+    return os.path.splitext(lib)[0] + ".cu"
+
+
+def add_tvm_peer(arch: str, out_dir: str, variants: list[tvm_peer.Variant] | None = None) -> dict:
+    """TVM's decode kernel for the benchmark (``tvm_peer``), built into its own library beside the
+    operator library in ``out_dir``, and recorded in that folder's manifest; returns the entry."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(path):
+        raise BuildError(f"no {MANIFEST} in {out_dir}: build the operator library there first")
+    t0 = time.time()
+    entry = tvm_peer.build_library(arch, out_dir, variants)
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest[tvm_peer.MANIFEST_KEY] = entry
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=1)
+    lib = os.path.join(out_dir, entry["library"])
+    _log(f"wrote {lib} ({os.path.getsize(lib) // 1024} KiB, {len(entry['kernels'])} kernels) in "
+         f"{time.time() - t0:.0f} s")
+    return entry
 
 
 def build_cpu(out_dir: str, specs: Sequence[AttentionSpec], block_size: int = 64) -> dict:
@@ -223,7 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-groups", default=",".join(map(str, MAX_GROUPS)),
                     help="kernels per GQA bound: 8 serves Hq/Hkv <= 8, 16 serves up to 16")
     ap.add_argument("--records", default=None, help="schedule records JSON (default schedules/<arch>.json)")
+    ap.add_argument("--with-tvm-peer", action="store_true",
+                    help="also build TVM's own decode kernel for the benchmark (its own library, tvm_decode_<arch>.so)")
     args = ap.parse_args(argv)
+    if args.with_tvm_peer and args.arch == "cpu":
+        ap.error("--with-tvm-peer: the benchmark peer is a GPU library; pick a GPU --arch")
     try:
         specs = attention_specs(args.dtypes.split(","), [int(x) for x in args.head_dims.split(",")],
                                 [int(x) for x in args.max_groups.split(",")])
@@ -235,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_cpu(out, specs)
         else:
             build_cuda(args.arch, out, specs, args.records)
+            if args.with_tvm_peer:
+                add_tvm_peer(args.arch, out)
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

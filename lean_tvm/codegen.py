@@ -1,4 +1,4 @@
-"""TIR -> CUDA C++ for our hand-scheduled persistent kernels.
+"""TIR -> CUDA C++ for our hand-scheduled persistent kernels (and, for the benchmark, TVM's own).
 
 The ``lean_tvm`` TIR pipeline is TVM's default one with two passes switched off, because our
 kernels are written at the level those passes would produce and they misread it:
@@ -60,11 +60,12 @@ def cuda_target(arch: str) -> tvm.target.Target:
     return tvm.target.Target(tvm.target.Target({"kind": "cuda", "arch": arch}), host="cuda_host")
 
 
-def cuda_source_of_module(mod: tvm.IRModule, arch: str) -> str:
-    """One CUDA C++ translation unit (kernels + tvm-ffi host launchers) for nvcc."""
+def cuda_source_of_module(mod: tvm.IRModule, arch: str, pipeline: str = PIPELINE) -> str:
+    """One CUDA C++ translation unit (kernels + tvm-ffi host launchers) for nvcc; ``pipeline``
+    names the registered TIR pipeline (``"default"`` for kernels that need TVM's barriers)."""
     from tvm.backend.cuda import export_cuda_host
 
-    return export_cuda_host(tvm.compile(mod, target=cuda_target(arch), tir_pipeline=PIPELINE).mod)
+    return export_cuda_host(tvm.compile(mod, target=cuda_target(arch), tir_pipeline=pipeline).mod)
 
 
 def cuda_source(func: tvm.tirx.PrimFunc, arch: str) -> str:

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from lean_tvm import bench
+from lean_tvm import bench, paged_cases, tvm_peer
 from lean_tvm import runtime as rt
+from lean_tvm.reference import decode_attention_reference
 from lean_tvm.timing import Stats
 
 K = 1024
@@ -209,12 +210,95 @@ def test_page_table_and_copy():
     lens = [100, 16, 1, 33]
     indptr, last = bench.page_table(lens)
     assert indptr == [0, 7, 8, 9, 12] and last == [4, 16, 1, 1]
-    src = torch.randn(4, 3, 112, 8)
-    pages = bench.copy_into_pages(src, indptr)
-    assert pages.shape == (12, 3, 16, 8)
-    for b, n in enumerate(lens):  # reading the pages back in order gives the sequence's rows
-        seq = pages[indptr[b]:indptr[b + 1]].transpose(0, 1).reshape(3, -1, 8)[:, :n]
-        assert torch.equal(seq, src[b, :, :n])
+    kv = torch.randn(2, 4, 3, 112, 8)
+    pages = bench.copy_into_pages(kv, indptr)
+    assert pages.shape == (12, 2, 3, 16, 8)
+    for b, n in enumerate(lens):  # reading the pages back in order gives the sequence's K and V rows
+        seq = pages[indptr[b]:indptr[b + 1]].permute(1, 2, 0, 3, 4).reshape(2, 3, -1, 8)[:, :, :n]
+        assert torch.equal(seq, kv[:, b, :, :n])
+
+
+def test_tvm_pages_gather_back_to_the_dense_cache():
+    """TVM's kernel reads row i of sequence b at pages[values[indptr[b] + i // 16], 0 or 1, h, i % 16]."""
+    shape = bench.ragged("t", [100, 16, 1, 33], hq=8, hkv=2, d=64)
+    case = bench.make_case(shape, torch.device("cpu"), seed=0)
+    pc = bench.tvm_paged_case(case, bench.paged_cache(case))
+    assert pc.pages.shape == (12, 2, 2, 16, 64) and pc.pages.is_contiguous()
+    assert pc.indptr.tolist() == [0, 7, 8, 9, 12] and pc.last_len.tolist() == [4, 16, 1, 1]
+    k, v = paged_cases.dense_from_pages(pc)
+    for b, n in enumerate(shape.lens):
+        assert torch.equal(k[b, :, :n], case.k[b, :, :n]) and torch.equal(v[b, :, :n], case.v[b, :, :n])
+
+
+def test_tvm_peer_variants_cover_the_grid():
+    variants = tvm_peer.suite_variants()
+    assert len(variants) == len(set(variants)) == 10 and len({v.name for v in variants}) == 10
+    for s in bench.full_grid() + bench.quick_grid():
+        assert tvm_peer.Variant(s.hq, s.hkv, s.head_dim, s.dtype) in variants, s.name
+
+
+# ---------------------------------------------------------------- TVM's kernel as a peer
+
+
+class FakeTvmPeer:
+    """TVM's kernel in torch: pages read through the page table, lse written in log2 units (or,
+    to see the check catch it, in natural log)."""
+
+    def __init__(self, lse_log2: bool = True):
+        self.lse_log2 = lse_log2
+
+    def kernel(self, shape):
+        return self.run
+
+    def run(self, q, pages, indptr, values, last_len, k_rope, q_rope, out, lse, rotary_mode, rope_scale,
+            rope_theta, sm_scale):
+        assert rotary_mode == 0 and pages.shape[1] == 2
+        lens = ((indptr[1:] - indptr[:-1] - 1) * pages.shape[3] + last_len).tolist()
+        k, v = paged_cases.dense_from_pages(paged_cases.PagedCase(q, pages, indptr, values, last_len, lens))
+        o, lse_e = decode_attention_reference(q, k, v, lens, sm_scale)
+        out.copy_(o)
+        lse.copy_(lse_e * math.log2(math.e) if self.lse_log2 else lse_e)
+
+
+@pytest.mark.parametrize("lse_log2", [True, False])
+def test_tvm_runner_checks_output_and_lse_in_natural_log(lse_log2):
+    shape = bench.ragged("t", [100, 16, 1, 33], hq=8, hkv=2, d=64)
+    case = bench.make_case(shape, torch.device("cpu"), seed=0)
+    case.ref, case.ref_kind = bench.reference(case)
+    runner = bench.tvm_runner(case, FakeTvmPeer(lse_log2), bench.paged_cache(case))
+    err, ok = bench.check(runner, case)
+    assert ok is lse_log2  # a natural-log lse taken for log2 is off by ln 2: caught
+    assert case.ref_lse.shape == (4, 8)
+    assert bench.rel_error(runner.output(), case.ref) < 1e-3
+
+
+def test_reference_lse_matches_float64():
+    shape = bench.uniform(2, 96, 8, 4, 32)
+    case = bench.make_case(shape, torch.device("cpu"), seed=1)
+    _, lse = decode_attention_reference(case.q, case.k, case.v, shape.lens, case.scale)
+    chunked = bench.reference_lse(case, chunk_bytes=96 * 32 * 4)  # one KV head per chunk
+    assert torch.allclose(chunked.double(), lse, atol=1e-5)
+
+
+def test_tvm_peer_is_skipped_without_its_library(monkeypatch, tmp_path):
+    shape = bench.uniform(1, 4 * K, 32, 8)
+    monkeypatch.setattr(bench.runtime, "library_for", lambda device: FakeLib())  # a manifest without the peer
+    peer = bench.TvmPeer(torch.device("cpu"))
+    with pytest.raises(bench.Unsupported, match="--arch sm_90a --out DIR --with-tvm-peer"):
+        peer.kernel(shape)
+    lib = FakeLib()
+    lib.manifest = {"arch": "sm_90a", tvm_peer.MANIFEST_KEY: {"library": "tvm_decode_sm_90a.so", "kernels": []}}
+    lib.path = tmp_path / "lean_tvm_sm_90a.so"  # the peer's file is not there
+    monkeypatch.setattr(bench.runtime, "library_for", lambda device: lib)
+    with pytest.raises(bench.Unsupported, match="TVM peer library not loadable"):
+        bench.TvmPeer(torch.device("cpu")).kernel(shape)
+
+    def no_library(device):
+        raise rt.LibraryNotFound("no lean_tvm library for sm_90a")
+
+    monkeypatch.setattr(bench.runtime, "library_for", no_library)
+    with pytest.raises(bench.Unsupported, match="no lean_tvm library"):
+        bench.TvmPeer(torch.device("cpu")).kernel(shape)
 
 
 # ---------------------------------------------------------------- one shape end to end, GPU faked
@@ -237,6 +321,8 @@ class FakeTimer:
 
 
 class FakeLib:
+    manifest = {"arch": "sm_90a"}
+
     def attention_kernel(self, dtype, head_dim, group):
         return rt.KernelInfo("fake", dtype, head_dim, 8, 64, 1) if group <= 8 else None
 
@@ -283,6 +369,7 @@ def test_one_shape_end_to_end_with_fakes(monkeypatch, tmp_path):
         assert fs["splits"] == 2 and fs["ok"] is False and "S=4" in fs["note"]
         for fi in ("flashinfer", "flashinfer-tc"):
             assert math.isnan(by[fi]["median_us"]) and "flashinfer not importable" in by[fi]["note"]
+        assert math.isnan(by[bench.TVM_TIR]["median_us"]) and "--with-tvm-peer" in by[bench.TVM_TIR]["note"]
         for sd in ("cudnn", "flash"):  # CPU SDPA: either a checked number or a recorded reason
             assert by[sd]["ok"] is True or by[sd]["note"]
         assert by[bench.STREAM]["stream_before_us"] == 10.0
@@ -317,7 +404,8 @@ def test_main_loop_with_fakes(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench, "graph_host_us", lambda timer, runner, us: 3.0)
     monkeypatch.setattr(bench, "bench_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(bench, "collect_meta", lambda device, args, systems, fi: {"gpu": "FAKE", "reps": args.reps})
+    monkeypatch.setattr(bench, "collect_meta",
+                        lambda device, args, systems, fi, tvm_peer: {"gpu": "FAKE", "reps": args.reps})
     monkeypatch.setattr(bench, "gpu_clocks", lambda device: {})
     args = ["--out", str(tmp_path), "--only", "lean,lean-nosplit,flashinfer", "--shapes", r"B1 32/8 D128 fp16 L4k$"]
     assert bench.main(args) == 0

@@ -3,12 +3,15 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
+import types
 
 import pytest
 
 pytest.importorskip("tvm")
 
-from lean_tvm import build  # noqa: E402
+from lean_tvm import bench, build, tvm_peer  # noqa: E402
 from lean_tvm.schedule_records import SMEM_PER_BLOCK  # noqa: E402
 from lean_tvm.spec import AttentionSpec  # noqa: E402
 
@@ -58,6 +61,55 @@ def test_kernels_fit_registers_and_shared_memory(built):
         assert res["smem_bytes"] + k["dynamic_smem_bytes"] <= SMEM_PER_BLOCK[arch], k["name"]
 
 
+PEER_VARIANTS = [tvm_peer.Variant(32, 8, 128, "float16"), tvm_peer.Variant(8, 1, 256, "bfloat16")]
+
+
+@pytest.fixture(scope="module")
+def peer_built(tmp_path_factory):
+    """TVM's decode kernel, two variants, added beside an operator library's manifest."""
+    out = tmp_path_factory.mktemp("tvm_peer")
+    (out / "manifest.json").write_text(json.dumps({"arch": "sm_90a", "library": "lean_tvm_sm_90a.so", "kernels": []}))
+    return out, build.add_tvm_peer("sm_90a", str(out), PEER_VARIANTS)
+
+
+@needs_nvcc
+def test_tvm_peer_compiles_for_sm_90a_through_tvms_pipeline(peer_built):
+    out, entry = peer_built
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest[tvm_peer.MANIFEST_KEY] == entry and manifest["library"] == "lean_tvm_sm_90a.so"
+    assert entry["library"] == "tvm_decode_sm_90a.so" and (out / entry["library"]).stat().st_size > 100_000
+    assert [k["name"] for k in entry["kernels"]] == [v.name for v in PEER_VARIANTS]
+    for k in entry["kernels"]:
+        assert k["resources"]["registers"] <= 255 and k["resources"]["spill_bytes"] == 0, k
+    src = (out / "tvm_decode_sm_90a.cu").read_text()
+    for v in PEER_VARIANTS:  # TVM's ThreadSync (off in our pipeline) puts a barrier before the KV
+        body = src.split(f"void __launch_bounds__(512) {v.name}_kernel(")[2]  # loop refills shared memory
+        loop = body.split("for (int iterator = 0;")[1]
+        assert loop.index("__syncthreads()") < loop.index("pages_ptr["), v.name
+
+
+@needs_nvcc
+def test_tvm_peer_loads_with_tvm_ffi_alone_and_serves_the_bench(peer_built, monkeypatch):
+    out, entry = peer_built
+    load = ("import sys; sys.modules['tvm'] = None; import tvm_ffi; "
+            f"m = tvm_ffi.load_module({str(out / entry['library'])!r}); print([m[n] for n in sys.argv[1:]])")
+    res = subprocess.run([sys.executable, "-c", load, *(v.name for v in PEER_VARIANTS)], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    lib = types.SimpleNamespace(manifest=json.loads((out / "manifest.json").read_text()),
+                                path=out / "lean_tvm_sm_90a.so")
+    monkeypatch.setattr(bench.runtime, "library_for", lambda device: lib)
+    peer = bench.TvmPeer(None)
+    assert not peer.error and callable(peer.kernel(bench.uniform(1, 4096, 32, 8)))
+    with pytest.raises(bench.Unsupported, match="no TVM kernel for 64/8"):
+        peer.kernel(bench.uniform(1, 4096, 64, 8))
+
+
+def test_tvm_peer_needs_the_operator_librarys_manifest(tmp_path):
+    with pytest.raises(build.BuildError, match="no manifest.json"):
+        build.add_tvm_peer("sm_90a", str(tmp_path), PEER_VARIANTS)
+
+
 def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CUDA_HOME", raising=False)
@@ -75,3 +127,6 @@ def test_cli_help_and_bad_arguments(capsys):
         build.main(["--help"])
     assert e.value.code == 0 and "--arch" in capsys.readouterr().out
     assert build.main(["--arch", "sm_61", "--out", os.devnull]) == 2
+    with pytest.raises(SystemExit) as e:
+        build.main(["--arch", "cpu", "--with-tvm-peer"])
+    assert e.value.code == 2
