@@ -30,6 +30,7 @@ from .spec import AttentionSpec, GpuKnobs, StreamKConfig
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NEG_INF = float("-inf")
+FLT_MAX = 3.4028234663852886e38
 LSE_NATURAL = (LN2, NEG_INF)  # lse output: factor from log2 units, and the value for an empty sequence
 MMA = {
     "float16": "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
@@ -248,16 +249,17 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
         sbase = T.meta_var((bufs.warp * S + stage) * 2 * RW * D)
         for u in T.unroll(CPL):
             ok = T.meta_var(u * RPU < left)
+            pick = T.meta_var(T.Cast("int64", ok))  # the address by arithmetic, not a branch per chunk
             T.ptx["cp.async.cg.shared.global"](
                 T.address_of(bufs.RING[sbase + bufs.soff[u]]),
-                T.address_of(bufs.KF[T.if_then_else(ok, bufs.gaddr[0] + T.Cast("int64", u * RPU) * bufs.skl,
-                                                    bufs.gaddr[2])]),
-                16, T.if_then_else(ok, T.uint32(16), T.uint32(0)))
+                T.address_of(bufs.KF[bufs.gaddr[2] + pick * (bufs.gaddr[0] + T.Cast("int64", u * RPU) * bufs.skl
+                                                              - bufs.gaddr[2])]),
+                16, T.Select(ok, T.uint32(16), T.uint32(0)))
             T.ptx["cp.async.cg.shared.global"](
                 T.address_of(bufs.RING[sbase + RW * D + bufs.soff[u]]),
-                T.address_of(bufs.VF[T.if_then_else(ok, bufs.gaddr[1] + T.Cast("int64", u * RPU) * bufs.svl,
-                                                    bufs.gaddr[3])]),
-                16, T.if_then_else(ok, T.uint32(16), T.uint32(0)))
+                T.address_of(bufs.VF[bufs.gaddr[3] + pick * (bufs.gaddr[1] + T.Cast("int64", u * RPU) * bufs.svl
+                                                              - bufs.gaddr[3])]),
+                16, T.Select(ok, T.uint32(16), T.uint32(0)))
 
     @T.macro
     def compute(bufs, stage, b, h, row0, n):
@@ -279,13 +281,13 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                                bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
                                bufs.qw[(nn * KS + kk) * 2], bufs.qw[(nn * KS + kk) * 2 + 1],
                                bufs.sc[x], bufs.sc[x + 1], bufs.sc[x + 2], bufs.sc[x + 3])
-        # Mask rows past the length, scale into the log2 domain.
+        # Mask rows past the length (by min, not a branch: see merge_some), scale into log2.
         for mt in T.unroll(NM):
             for nn in T.unroll(NN):
                 for i in T.unroll(4):
                     row = T.meta_var(row0 + warp * RW + mt * 16 + g + 8 * T.truncdiv(i, 2))
-                    bufs.sc[(mt * NN + nn) * 4 + i] = T.if_then_else(
-                        row < n, bufs.sc[(mt * NN + nn) * 4 + i] * bufs.scale_log2, ninf)
+                    bufs.sc[(mt * NN + nn) * 4 + i] = T.min(bufs.sc[(mt * NN + nn) * 4 + i] * bufs.scale_log2,
+                                                            T.Select(row < n, -ninf, ninf))
         # Online softmax per head column (this lane's heads 2t, 2t+1 of each head tile).
         for nn in T.unroll(NN):
             for j in T.unroll(2):
@@ -297,7 +299,7 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                     bufs.red[1] = T.tvm_warp_shuffle_xor(full, bufs.red[0], 4 << o, 32, 32)
                     bufs.red[0] = T.max(bufs.red[0], bufs.red[1])
                 bufs.red[0] = T.max(bufs.red[0], bufs.mrow[nn * 2 + j])  # new max
-                bufs.red[1] = T.if_then_else(bufs.red[0] == ninf, T.float32(0), bufs.red[0])
+                bufs.red[1] = T.max(bufs.red[0], T.float32(-FLT_MAX))  # finite: exp2(-inf - it) = 0
                 bufs.red[2] = T.exp2(bufs.mrow[nn * 2 + j] - bufs.red[1])  # rescale
                 bufs.mrow[nn * 2 + j] = bufs.red[0]
                 bufs.lrow[nn * 2 + j] = bufs.lrow[nn * 2 + j] * bufs.red[2]
@@ -392,7 +394,7 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
         """(em, el, eo)[e] <- their merge with the state (m, l, w[w0:w0 + 4]); either may be empty
         (m = -inf: the rescale is taken against 0 so no inf - inf appears)."""
         bufs.red[0] = T.max(bufs.em[e], m)
-        bufs.red[1] = T.Select(bufs.red[0] == ninf, T.float32(0), bufs.red[0])
+        bufs.red[1] = T.max(bufs.red[0], T.float32(-FLT_MAX))  # finite: exp2(-inf - it) = 0
         bufs.red[2] = T.exp2(m - bufs.red[1])
         bufs.red[1] = T.exp2(bufs.em[e] - bufs.red[1])
         bufs.el[e] = bufs.el[e] * bufs.red[1] + l * bufs.red[2]
@@ -403,25 +405,28 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
     @T.macro
     def merge_some(bufs, e, x, top, n, valid, groups, grp):
         """Fold partials i = grp, grp + groups, ... (< n) into state e, CU at a time: their loads
-        issue together and unconditionally (from a clamped, always-valid slot; invalid ones masked
-        after the load), so a tile shared by many CTAs costs a few L2 round trips."""
+        issue together and unconditionally (from a clamped, always-valid slot), and invalid ones
+        are masked after the load by min/max (which drop NaN), never by a Select: TVM turns a
+        Select over a loaded value into a branch, and ptxas then waits for each load in turn
+        (traced: ~170 ns per partial, 24 us for a one-tile batch)."""
         hh = T.meta_var(T.truncdiv(x, D))
         for i0 in range(T.truncdiv(n + CU * groups - 1, CU * groups)):
             for u in T.unroll(CU):
-                # No branch may guard a load here (Select evaluates both sides, && would
-                # not): nvcc then issues all CU partials' loads before the first use.
                 idx = T.meta_var((i0 * CU + u) * groups + grp)
                 slot = T.meta_var(T.max(top - idx, 0))
-                bufs.ok[u] = T.Select(idx < n, valid[T.min(idx, NT - 1)], 0)
+                bufs.ok[u] = T.Cast("int32", idx < n) * valid[T.min(idx, NT - 1)]
                 bufs.mc[u] = bufs.WSML[slot, 0, hh]
                 bufs.lc[u] = bufs.WSML[slot, 1, hh]
                 for j in T.vectorized(4):
                     bufs.w4[u * 4 + j] = bufs.WSO[slot, hh, T.truncmod(x, D) + j]
             for u in T.unroll(CU):
-                bufs.mc[u] = T.Select(bufs.ok[u] != 0, bufs.mc[u], ninf)
-                bufs.lc[u] = T.Select(bufs.ok[u] != 0, bufs.lc[u], T.float32(0))
+                # hi = +inf for a valid partial, -inf otherwise: no branch
+                hi = T.meta_var(T.Cast("float32", 1 - 2 * bufs.ok[u]) * ninf)
+                bufs.mc[u] = T.min(bufs.mc[u], hi)
+                bufs.lc[u] = T.min(T.max(bufs.lc[u], T.float32(0)), T.max(hi, T.float32(0)))
                 for j in T.unroll(4):
-                    bufs.w4[u * 4 + j] = T.Select(bufs.ok[u] != 0, bufs.w4[u * 4 + j], T.float32(0))
+                    bufs.w4[u * 4 + j] = T.max(T.min(bufs.w4[u * 4 + j], T.max(hi, T.float32(0))),
+                                               T.min(-hi, T.float32(0)))
             for u in T.unroll(CU):
                 fold(bufs, e, bufs.mc[u], bufs.lc[u], bufs.w4, u * 4)
 

@@ -130,7 +130,7 @@ def build_child(out: str, arch: str, num_workers: int | None) -> None:
 
 PAGED = dict(num_qo_heads=32, num_kv_heads=8, head_dim=128, dtype="float16", page_size=16)
 PAGED_CACHE_TOKENS = 16384  # the cache module's max_total_seq_len
-PAGED_STAGE_VARIANTS = (3, 4)  # extra builds of our paged kernel, timed beside the tuned one
+PAGED_VARIANTS = ((4, 3), (4, 4))  # (warps, stages): extra builds of our paged kernel, timed beside the tuned one
 
 
 def build_paged(out: str, arch: str, target, lean_cfg, manifest: dict) -> None:
@@ -150,10 +150,10 @@ def build_paged(out: str, arch: str, target, lean_cfg, manifest: dict) -> None:
     spec = lean_cfg.spec_for(dt, d, hq // hkv)
     knobs = paged.paged_knobs(lean_cfg.gpu_knobs(spec), ps)
     kernels = {"tvm": theirs, "lean": lean}
-    for stages in PAGED_STAGE_VARIANTS:  # deeper pipelines: the page-table read sits before each load
-        cfg = dataclasses.replace(lean_cfg, knobs=dataclasses.replace(knobs, stages=stages))
-        kernels[f"lean_s{stages}"] = paged.make_paged_decode_gpu(hkv, hq, d, dt, ps, cfg).with_attr(
-            "global_symbol", f"{lean.attrs['global_symbol']}_s{stages}")
+    for warps, stages in PAGED_VARIANTS:  # deeper pipelines: the page-table read sits before each load
+        cfg = dataclasses.replace(lean_cfg, knobs=dataclasses.replace(knobs, num_warps=warps, stages=stages))
+        kernels[f"lean_w{warps}s{stages}"] = paged.make_paged_decode_gpu(hkv, hq, d, dt, ps, cfg).with_attr(
+            "global_symbol", f"{lean.attrs['global_symbol']}_w{warps}s{stages}")
     manifest["paged"] = {**PAGED, "cache_tokens": PAGED_CACHE_TOKENS, "workers": lean_cfg.workers(spec),
                          "knobs": dataclasses.asdict(knobs),
                          "kernels": {name: f.attrs["global_symbol"] for name, f in kernels.items()}}

@@ -12,7 +12,7 @@ Build first on the CPU machine: ``python scripts/build_relax_gpu.py`` (writes bu
 
 Environment: RELAX_GPU_DIR (default build/relax_gpu), OUT (writes $OUT/paged_gpu.json).
 Timing (lean_tvm.timing): median [p10-p90] of 30 calls, each behind a 256 MB L2-flushing read;
-``lean`` is our kernel with the tuned knobs, ``lean_s3``/``lean_s4`` the same with deeper pipelines.
+``lean`` is our kernel with the tuned knobs, ``lean_w4s3``/``lean_w4s4`` 4 warps with deeper pipelines.
 """
 
 from __future__ import annotations
