@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -155,23 +156,35 @@ class Workspace:
     memset."""
 
     def __init__(self):
-        self._buffers: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._buffers: dict[tuple, tuple[int, tuple[torch.Tensor, ...]]] = {}  # (capacity, buffers)
+        self._scratch: dict[tuple, torch.Tensor] = {}
 
     def get(self, device: torch.device, workers: int, *partial_shapes: tuple[int, ...]):
         """One fp32 tensor [workers, *shape] per partial shape, then the int32 flags [workers]."""
-        if device.type == "cuda":
-            index = torch.cuda.current_device() if device.index is None else device.index
-            stream = torch._C._cuda_getCurrentRawStream(index)
-        else:
-            stream = 0
-        key = (str(device), stream, partial_shapes)
-        bufs = self._buffers.get(key)
-        if bufs is None or bufs[-1].shape[0] < workers:
+        key = (device, _current_stream(device), partial_shapes)
+        n, bufs = self._buffers.get(key, (0, None))
+        if bufs is None or n < workers:
             n = max(workers, 1)
             bufs = (*(torch.empty(n, *shape, device=device, dtype=torch.float32) for shape in partial_shapes),
                     torch.zeros(n, device=device, dtype=torch.int32))
-            self._buffers[key] = bufs
+            self._buffers[key] = n, bufs
         return bufs
+
+    def scratch(self, device: torch.device, shape: tuple[int, ...]) -> torch.Tensor:
+        """An fp32 tensor reused per (device, stream, shape) for an output nobody reads (the lse
+        when the caller does not ask for it): one allocation less per call."""
+        key = (device, _current_stream(device), shape)
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = self._scratch[key] = torch.empty(shape, device=device, dtype=torch.float32)
+        return buf
+
+
+def _current_stream(device: torch.device) -> int:
+    """torch's current stream on the device (0 on CPU), as a raw handle: cheap, no Stream object."""
+    if device.type != "cuda":
+        return 0
+    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device() if device.index is None else device.index)
 
 
 WORKSPACE = Workspace()
@@ -227,7 +240,7 @@ def _check_gemv(w, x, y) -> None:
                          f"and {tuple(y.shape)}")
 
 
-_LAUNCHES: dict[tuple, tuple] = {}
+_LAUNCHES: dict[tuple, Callable] = {}
 
 
 def launch_attention(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: float,
@@ -236,17 +249,34 @@ def launch_attention(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: flo
     """Run the kernel on already-validated tensors (q [B, Hq, D], caches [B, Hkv, L, D] views).
 
     ``num_splits == 0``: stream-K over ``num_ctas`` (default: every SM x CTAs per SM);
-    ``num_splits = S``: fixed split into S chunks per tile (1 = no split). What depends only on
-    the shapes (kernel, workers, grid) is looked up once per shape: the per-call path is a dict
-    lookup, the workspace, and the tvm-ffi call.
+    ``num_splits = S``: fixed split into S chunks per tile (1 = no split).
     """
-    key = (q.device, q.dtype, q.shape, k_cache.shape[1], num_splits, num_ctas, kernel)
+    launch = attention_launcher(q, k_cache.shape[1], num_splits, num_ctas, kernel)
+    launch(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale)
+
+
+def attention_launcher(q, hkv: int, num_splits: int = STREAM_K, num_ctas: int | None = None,
+                       kernel: KernelInfo | None = None) -> Callable:
+    """``launch(q, k, v, seq_lens, out, lse, scale)`` for q's device, dtype and shape and ``hkv``
+    KV heads. What depends only on those (kernel, workers, grid) is resolved once per shape, so a
+    launch is the workspace lookup and the tvm-ffi call; callers that keep the launcher
+    (``torch_ops``) skip even this lookup."""
+    key = (q.device, q.dtype, q.shape, hkv, num_splits, num_ctas, kernel)
     launch = _LAUNCHES.get(key)
     if launch is None:
-        launch = _LAUNCHES[key] = _prepare_attention(q, k_cache.shape[1], num_splits, num_ctas, kernel)
-    fn, workers, grid, shapes = launch
-    ws_o, ws_ml, flags = WORKSPACE.get(q.device, workers, *shapes)
-    fn(q, k_cache, v_cache, seq_lens, out, lse, ws_o, ws_ml, flags, softmax_scale, workers, num_splits, grid)
+        launch = _LAUNCHES[key] = _make_launcher(q, hkv, num_splits, num_ctas, kernel)
+    return launch
+
+
+def _make_launcher(q, hkv: int, num_splits: int, num_ctas: int | None, kernel: KernelInfo | None) -> Callable:
+    fn, workers, grid, shapes = _prepare_attention(q, hkv, num_splits, num_ctas, kernel)
+    device = q.device
+
+    def launch(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: float) -> None:
+        ws_o, ws_ml, flags = WORKSPACE.get(device, workers, *shapes)
+        fn(q, k_cache, v_cache, seq_lens, out, lse, ws_o, ws_ml, flags, softmax_scale, workers, num_splits, grid)
+
+    return launch
 
 
 def _prepare_attention(q, hkv: int, num_splits: int, num_ctas: int | None, kernel: KernelInfo | None):

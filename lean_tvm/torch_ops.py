@@ -4,12 +4,16 @@ Tensors reach the kernel zero-copy through DLPack (tvm-ffi); the kernel runs on 
 stream; its workspace comes from torch's caching allocator and is reused (``runtime.Workspace``).
 The plan is computed on the device from ``cache_seqlens``, so a captured CUDA graph stays right
 when the lengths change in place, and ``torch.compile(fullgraph=True)`` traces through the
-registered ops (``lean_tvm::decode_attention``, ``lean_tvm::decode_attention_out``).
+registered ops (``lean_tvm::decode_attention``, ``lean_tvm::decode_attention_out``). Eager calls
+skip the dispatcher, and their argument checks run once per call signature (dtypes, devices,
+shapes, strides), not once per call: the host path is what a decode step waits on.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -38,10 +42,9 @@ def _as_bhld(cache: torch.Tensor, layout: str) -> torch.Tensor:
     return cache if layout == "bhld" else cache.permute(0, 2, 1, 3)
 
 
-def check_inputs(q, k_cache, v_cache, cache_seqlens, softmax_scale, layout, out, check_lengths):
-    """Every argument error as a ValueError/TypeError naming the argument, before any launch.
-
-    Returns (q [B, Hq, D], k [B, Hkv, L, D] view, v view, scale, out [B, Hq, D] view or None)."""
+def _check_metadata(q, k_cache, v_cache, cache_seqlens, layout, out):
+    """The checks that read only types, dtypes, devices, shapes and strides (cacheable per call
+    signature). Returns (q [B, Hq, D], k [B, Hkv, L, D] view, v view, out [B, Hq, D] view or None)."""
     if layout not in LAYOUTS:
         _fail(ValueError, "layout", f"one of {LAYOUTS}", repr(layout))
     for t, name in ((q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache")):
@@ -59,7 +62,7 @@ def check_inputs(q, k_cache, v_cache, cache_seqlens, softmax_scale, layout, out,
     if q_rank == 4:
         if q.shape[1] != 1:
             _fail(ValueError, "q.shape", "[B, Hq, D] or [B, 1, Hq, D] (one new token)", tuple(q.shape))
-        q = q[:, 0]
+        q = q.squeeze(1)
     if q.dim() != 3:
         _fail(ValueError, "q.shape", "[B, Hq, D] or [B, 1, Hq, D]", tuple(q.shape))
     k, v = _as_bhld(k_cache, layout), _as_bhld(v_cache, layout)
@@ -67,7 +70,7 @@ def check_inputs(q, k_cache, v_cache, cache_seqlens, softmax_scale, layout, out,
         _fail(ValueError, "k_cache/v_cache.shape",
               f"equal 4-d shapes in layout {layout!r}", (tuple(k_cache.shape), tuple(v_cache.shape)))
     batch, hq, head_dim = q.shape
-    _, hkv, cache_len, _ = k.shape
+    hkv = k.shape[1]
     if k.shape[0] != batch:
         _fail(ValueError, "k_cache.shape[0]", f"the batch of q ({batch})", k.shape[0])
     if k.shape[3] != head_dim:
@@ -89,15 +92,6 @@ def check_inputs(q, k_cache, v_cache, cache_seqlens, softmax_scale, layout, out,
             _fail(ValueError, "cache_seqlens.device", f"{q.device} like q", cache_seqlens.device)
         if cache_seqlens.shape != (batch,) or not cache_seqlens.is_contiguous():
             _fail(ValueError, "cache_seqlens.shape", f"a contiguous [{batch}]", tuple(cache_seqlens.shape))
-        if check_lengths and not _capturing(q.device) and not torch.compiler.is_compiling():
-            lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
-            if lo < 0 or hi > cache_len:
-                _fail(ValueError, "cache_seqlens", f"lengths in [0, {cache_len}] (the cache length)",
-                      f"values in [{lo}, {hi}]")
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(head_dim)
-    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
-        _fail(TypeError, "softmax_scale", "a finite float", softmax_scale)
     if out is not None:
         _check_tensor(out, "out")
         want = (batch, 1, hq, head_dim) if q_rank == 4 else (batch, hq, head_dim)
@@ -107,27 +101,58 @@ def check_inputs(q, k_cache, v_cache, cache_seqlens, softmax_scale, layout, out,
         if not out.is_contiguous():
             _fail(ValueError, "out", "a contiguous tensor", f"strides {out.stride()}")
         out = out.view(batch, hq, head_dim)
-    if any(s % 2 for s in q.stride()[:2]):
-        q = q.contiguous()  # the kernel reads q as 32-bit words; q is tiny
-    return q, k, v, float(softmax_scale), out
+    if _odd_row_strides(q):
+        q = q.contiguous()
+    return q, k, v, out
+
+
+def _odd_row_strides(q3: torch.Tensor) -> bool:
+    """The kernel reads q as 32-bit words: odd batch/head strides need a (tiny) copy of q."""
+    return any(s % 2 for s in q3.stride()[:2])
+
+
+def _check_length_values(cache_seqlens, cache_len: int, device: torch.device) -> None:
+    """Lengths in [0, L]: a device-to-host copy, skipped while capturing or compiling."""
+    if not _capturing(device) and not torch.compiler.is_compiling():
+        lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
+        if lo < 0 or hi > cache_len:
+            _fail(ValueError, "cache_seqlens", f"lengths in [0, {cache_len}] (the cache length)",
+                  f"values in [{lo}, {hi}]")
+
+
+def _checked_scale(softmax_scale) -> float:
+    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+        _fail(TypeError, "softmax_scale", "a finite float", softmax_scale)
+    return float(softmax_scale)
+
+
+def check_inputs(q, k_cache, v_cache, cache_seqlens, softmax_scale, layout, out, check_lengths):
+    """Every argument error as a ValueError/TypeError naming the argument, before any launch.
+
+    Returns (q [B, Hq, D], k [B, Hkv, L, D] view, v view, scale, out [B, Hq, D] view or None)."""
+    q3, k, v, out3 = _check_metadata(q, k_cache, v_cache, cache_seqlens, layout, out)
+    if check_lengths and cache_seqlens is not None:
+        _check_length_values(cache_seqlens, k.shape[2], q3.device)
+    scale = 1.0 / math.sqrt(q3.shape[2]) if softmax_scale is None else _checked_scale(softmax_scale)
+    return q3, k, v, scale, out3
 
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _lengths(cache_seqlens, batch: int, cache_len: int, device) -> torch.Tensor:
-    if cache_seqlens is not None:
-        return cache_seqlens
-    key = (str(device), batch, cache_len)
+def _full_lengths(batch: int, cache_len: int, device: torch.device) -> torch.Tensor:
+    """The default ``cache_seqlens`` (all L), made once per (device, B, L)."""
+    key = (device, batch, cache_len)
     if key not in _FULL_LENGTHS:
         _FULL_LENGTHS[key] = torch.full((batch,), cache_len, dtype=torch.int32, device=device)
     return _FULL_LENGTHS[key]
 
 
 def _run(q, k, v, cache_seqlens, softmax_scale, out, lse) -> None:
-    lens = _lengths(cache_seqlens, q.shape[0], k.shape[2], q.device)
-    runtime.launch_attention(q, k, v, lens, out, lse, softmax_scale)
+    if cache_seqlens is None:
+        cache_seqlens = _full_lengths(q.shape[0], k.shape[2], q.device)
+    runtime.launch_attention(q, k, v, cache_seqlens, out, lse, softmax_scale)
 
 
 def _allocate_and_run(q, k, v, cache_seqlens, softmax_scale):
@@ -135,6 +160,55 @@ def _allocate_and_run(q, k, v, cache_seqlens, softmax_scale):
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     _run(q, k, v, cache_seqlens, softmax_scale, out, lse)
     return out, lse
+
+
+class _Plan(NamedTuple):
+    """What the metadata checks decided for one call signature, so that a repeated call skips them."""
+
+    q4: bool  # q and out are [B, 1, Hq, D]
+    copy_q: bool  # see _odd_row_strides
+    blhd: bool
+    out_shape: tuple[int, ...]  # q's
+    lse_shape: tuple[int, int]  # (B, Hq)
+    dtype: torch.dtype
+    device: torch.device
+    cache_len: int
+    scale: float  # the default, 1 / sqrt(D)
+    launch: Callable  # runtime.attention_launcher
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 4096  # call signatures kept (a cache view that grows per step makes one per length)
+
+
+def _meta(t) -> tuple | None:
+    """All that the metadata checks read of a tensor argument; its type first, so that no
+    non-tensor ever matches a key made from checked tensors."""
+    return None if t is None else (type(t), t.requires_grad, t.dtype, t.device, t.shape, t.stride())
+
+
+def _plan(q, k_cache, v_cache, cache_seqlens, layout, out) -> _Plan:
+    """The checks of a call signature run once; a repeated call costs its key (~20 torch attribute
+    reads, which are what is slow on the host) and a dict lookup."""
+    try:
+        key = (layout, _meta(q), _meta(k_cache), _meta(v_cache), _meta(cache_seqlens), _meta(out))
+        plan = _PLANS.get(key)
+    except (AttributeError, TypeError, RuntimeError):  # not a tensor, unhashable layout: the checks say
+        key = plan = None
+    if plan is None:
+        plan = _make_plan(q, k_cache, v_cache, cache_seqlens, layout, out)
+        if key is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    return plan
+
+
+def _make_plan(q, k_cache, v_cache, cache_seqlens, layout, out) -> _Plan:
+    q3, k, _, _ = _check_metadata(q, k_cache, v_cache, cache_seqlens, layout, out)
+    batch, hq, head_dim = q3.shape
+    return _Plan(q.dim() == 4, _odd_row_strides(q3), layout == "blhd", tuple(q.shape), (batch, hq), q.dtype,
+                 q.device, k.shape[2], 1.0 / math.sqrt(head_dim), runtime.attention_launcher(q3, k.shape[1]))
 
 
 @torch.library.custom_op("lean_tvm::decode_attention", mutates_args=())
@@ -177,24 +251,45 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     that costs a device-to-host copy, so hot loops (and CUDA graph capture, where it is skipped)
     pass False: the kernel then clamps lengths into [0, L] and never reads past the cache.
     """
+    if torch.compiler.is_compiling():
+        return _traced(q, k_cache, v_cache, cache_seqlens, softmax_scale, return_lse, out, layout, check_lengths)
+    # Eager: the cached checks, the views check_inputs takes, one allocation (two with return_lse)
+    # and the launcher directly (no dispatcher, no launch lookup).
+    q4, copy_q, blhd, out_shape, lse_shape, dtype, device, cache_len, scale, launch = _plan(
+        q, k_cache, v_cache, cache_seqlens, layout, out)
+    if cache_seqlens is None:
+        cache_seqlens = _full_lengths(lse_shape[0], cache_len, device)
+    elif check_lengths:
+        _check_length_values(cache_seqlens, cache_len, device)
+    if softmax_scale is not None:
+        scale = _checked_scale(softmax_scale)
+    q3 = q.squeeze(1) if q4 else q
+    if copy_q:
+        q3 = q3.contiguous()
+    if blhd:
+        k_cache, v_cache = k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3)
+    if out is None:
+        out = torch.empty(*out_shape, dtype=dtype, device=device)
+    if return_lse:
+        lse = torch.empty(*lse_shape, dtype=torch.float32, device=device)
+    else:  # the kernel writes it, nobody reads it
+        lse = runtime.WORKSPACE.scratch(device, lse_shape)
+    launch(q3, k_cache, v_cache, cache_seqlens, out.squeeze(1) if q4 else out, lse, scale)
+    return (out, lse) if return_lse else out
+
+
+def _traced(q, k_cache, v_cache, cache_seqlens, softmax_scale, return_lse, out, layout, check_lengths):
+    """Under torch.compile: the checks on fake tensors, then the registered ops."""
     q3, k, v, scale, out3 = check_inputs(q, k_cache, v_cache, cache_seqlens, softmax_scale, layout, out,
                                          check_lengths)
-    # Traced (torch.compile) calls go through the registered ops; eager calls skip the dispatcher.
-    traced = torch.compiler.is_compiling()
     if out is None:
-        if traced:
-            o, lse = torch.ops.lean_tvm.decode_attention(q3, k, v, cache_seqlens, scale)
-        else:
-            o, lse = _allocate_and_run(q3, k, v, cache_seqlens, scale)
+        o, lse = torch.ops.lean_tvm.decode_attention(q3, k, v, cache_seqlens, scale)
         if q.dim() == 4:
             o = o.unsqueeze(1)
     else:
         o = out
         lse = torch.empty(q3.shape[:2], dtype=torch.float32, device=q3.device)
-        if traced:
-            torch.ops.lean_tvm.decode_attention_out(q3, k, v, cache_seqlens, scale, out3, lse)
-        else:
-            _run(q3, k, v, cache_seqlens, scale, out3, lse)
+        torch.ops.lean_tvm.decode_attention_out(q3, k, v, cache_seqlens, scale, out3, lse)
     return (o, lse) if return_lse else o
 
 

@@ -1,46 +1,94 @@
 """Per-call wall time from Python (no CUDA graph), B=1 Hq/Hkv 32/8 D=128 L=4k: the public API,
-the launch path under it, the bare tvm-ffi call, and torch SDPA (cuDNN) for scale.
+the pieces of its eager path, the launch path under it, the bare tvm-ffi call, and torch SDPA.
 
-    python scripts/host_overhead.py
+    python scripts/host_overhead.py          # CUDA
+    python scripts/host_overhead.py --cpu    # host-side proxy: CPU tensors, the kernel call a no-op
+
+With ``--cpu`` the tvm-ffi kernel call is replaced by a no-op (the CPU kernel's compute would
+swamp the host path); every other step runs as on the GPU.
 """
 
+import argparse
 import math
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lean_tvm
-from lean_tvm import runtime
-from lean_tvm.timing import Timer
+from lean_tvm import runtime, torch_ops
+
+
+def host_time(fn, device: torch.device, reps: int = 2000) -> float:
+    """Wall time per call (us), calls queued back to back; the median of 5 runs."""
+    for _ in range(20):
+        fn()
+    runs = []
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        runs.append((time.perf_counter() - t0) / reps * 1e6)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return statistics.median(runs)
+
+
+def _no_kernel() -> None:
+    """Make every attention launcher call a no-op kernel (the --cpu proxy)."""
+    prepare = runtime._prepare_attention
+
+    def prepare_without_kernel(*args):
+        _, workers, grid, shapes = prepare(*args)
+        return (lambda *_: None), workers, grid, shapes
+
+    runtime._prepare_attention = prepare_without_kernel
 
 
 def main() -> None:
-    dev = torch.device("cuda")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="CPU tensors, the kernel call a no-op")
+    args = ap.parse_args()
+    dev = torch.device("cpu" if args.cpu else "cuda")
+    if args.cpu:
+        torch.set_num_threads(1)
+        _no_kernel()
     q = torch.randn(1, 32, 128, device=dev, dtype=torch.float16)
     k = torch.randn(1, 8, 4096, 128, device=dev, dtype=torch.float16)
     v = torch.randn_like(k)
     lens = torch.full((1,), 4096, dtype=torch.int32, device=dev)
     out = torch.empty_like(q)
     lse = torch.empty(1, 32, device=dev)
-    timer = Timer(dev)
     scale = 1 / math.sqrt(128)
     fn, workers, grid, shapes = runtime._prepare_attention(q, 8, 0, None, None)
     ws = runtime.WORKSPACE.get(dev, workers, *shapes)
+    plan = torch_ops._plan(q, k, v, lens, "bhld", None)
     rows = {
         "lean_tvm.decode_attention(..., check_lengths=False)":
             lambda: lean_tvm.decode_attention(q, k, v, lens, check_lengths=False),
-        "lean_tvm.decode_attention(..., out=out, check_lengths=False)":
-            lambda: lean_tvm.decode_attention(q, k, v, lens, out=out, check_lengths=False),
-        "lean_tvm.decode_attention (checks lengths: one D2H copy)": lambda: lean_tvm.decode_attention(q, k, v, lens),
+        "  ... out=out": lambda: lean_tvm.decode_attention(q, k, v, lens, out=out, check_lengths=False),
+        "  ... return_lse=True": lambda: lean_tvm.decode_attention(q, k, v, lens, return_lse=True, check_lengths=False),
+        "  ... checks lengths (one D2H copy)": lambda: lean_tvm.decode_attention(q, k, v, lens),
+        "piece: cached checks (torch_ops._plan, a hit)": lambda: torch_ops._plan(q, k, v, lens, "bhld", None),
+        "piece: all checks (torch_ops.check_inputs, a miss)":
+            lambda: torch_ops.check_inputs(q, k, v, lens, None, "bhld", None, False),
+        "piece: allocate out (torch.empty)": lambda: torch.empty(*plan.out_shape, dtype=plan.dtype, device=dev),
+        "piece: lse scratch (WORKSPACE.scratch)": lambda: runtime.WORKSPACE.scratch(dev, plan.lse_shape),
+        "piece: launcher (workspace + kernel call)": lambda: plan.launch(q, k, v, lens, out, lse, scale),
         "runtime.launch_attention": lambda: runtime.launch_attention(q, k, v, lens, out, lse, scale),
-        "bare tvm-ffi kernel call": lambda: fn(q, k, v, lens, out, lse, *ws, scale, workers, 0, grid),
+        "bare tvm-ffi kernel call" + (" (a no-op here)" if args.cpu else ""):
+            lambda: fn(q, k, v, lens, out, lse, *ws, scale, workers, 0, grid),
     }
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+    if not args.cpu:
         q4 = q[:, :, None]
         rows["torch SDPA (cuDNN)"] = lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         for name, f in rows.items():
-            print(f"{name:62s} {timer.host_time(f, reps=2000):6.1f} us/call", flush=True)
+            print(f"{name:62s} {host_time(f, dev):6.1f} us/call", flush=True)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,21 @@ def test_bad_input_is_rejected_naming_the_argument(arg, exc, override):
         lean_tvm.decode_attention(**_bad(**override))
 
 
+def test_a_repeated_call_signature_is_still_checked_every_call():
+    q, k, v = make(seed=3)
+    lens = torch.tensor([100, 3], dtype=torch.int32)
+    first = lean_tvm.decode_attention(q, k, v, lens)  # the checks of this signature are now cached
+    o, _ = lean_tvm.decode_attention(q, k, v, lens, return_lse=True)
+    torch.testing.assert_close(o, first, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        lean_tvm.decode_attention(q, k, v, torch.tensor([101, 3], dtype=torch.int32))
+    with pytest.raises(TypeError, match="softmax_scale"):
+        lean_tvm.decode_attention(q, k, v, lens, softmax_scale=float("inf"))
+    q.requires_grad_()
+    with pytest.raises(ValueError, match="q"):
+        lean_tvm.decode_attention(q, k, v, lens)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_mixed_devices_are_rejected():
     q, k, v = make()
