@@ -195,6 +195,22 @@ def num_sms(device: torch.device) -> int:
 
 
 
+MIN_WORKERS = 8
+BLOCKS_PER_WORKER = 4
+MAX_SPLIT = 64
+
+
+def stream_k_workers(tiles: int, blocks_per_tile: int, resident: int) -> int:
+    """Stream-K workers for ``tiles`` tiles of at most ``blocks_per_tile`` blocks (from the cache's
+    length: a shape-only choice, graph-safe). Fewer than every resident CTA when the work is small
+    or concentrated in few tiles: a tile's reducer merges its contributors one partial at a time
+    (~0.15 us each), so splitting a short or lone tile over all SMs costs more than it streams.
+    Measured on the H100 (NOTES.md), B=1 8/1 D128 (one tile), device time vs workers:
+    L1k 10.4 us at 8 vs 33.7 at 132; L64k 27.7 at 64 vs 35.8; L512k 103.9 at 64 vs 114.3."""
+    want = max(MIN_WORKERS, tiles * blocks_per_tile // BLOCKS_PER_WORKER)
+    return max(1, min(resident, want, tiles * MAX_SPLIT))
+
+
 def _workers_and_grid(device, tiles: int, num_splits: int, num_ctas: int | None, ctas_per_sm: int):
     resident = num_sms(device) * ctas_per_sm
     if num_splits == STREAM_K:
@@ -251,25 +267,26 @@ def launch_attention(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: flo
     ``num_splits == 0``: stream-K over ``num_ctas`` (default: every SM x CTAs per SM);
     ``num_splits = S``: fixed split into S chunks per tile (1 = no split).
     """
-    launch = attention_launcher(q, k_cache.shape[1], num_splits, num_ctas, kernel)
+    launch = attention_launcher(q, k_cache.shape[1], num_splits, num_ctas, kernel, k_cache.shape[2])
     launch(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale)
 
 
 def attention_launcher(q, hkv: int, num_splits: int = STREAM_K, num_ctas: int | None = None,
-                       kernel: KernelInfo | None = None) -> Callable:
-    """``launch(q, k, v, seq_lens, out, lse, scale)`` for q's device, dtype and shape and ``hkv``
-    KV heads. What depends only on those (kernel, workers, grid) is resolved once per shape, so a
-    launch is the workspace lookup and the tvm-ffi call; callers that keep the launcher
-    (``torch_ops``) skip even this lookup."""
-    key = (q.device, q.dtype, q.shape, hkv, num_splits, num_ctas, kernel)
+                       kernel: KernelInfo | None = None, max_len: int | None = None) -> Callable:
+    """``launch(q, k, v, seq_lens, out, lse, scale)`` for q's device, dtype and shape, ``hkv`` KV
+    heads and a cache of ``max_len`` rows. What depends only on those (kernel, workers, grid) is
+    resolved once per shape, so a launch is the workspace lookup and the tvm-ffi call; callers
+    that keep the launcher (``torch_ops``) skip even this lookup."""
+    key = (q.device, q.dtype, q.shape, hkv, num_splits, num_ctas, kernel, max_len)
     launch = _LAUNCHES.get(key)
     if launch is None:
-        launch = _LAUNCHES[key] = _make_launcher(q, hkv, num_splits, num_ctas, kernel)
+        launch = _LAUNCHES[key] = _make_launcher(q, hkv, num_splits, num_ctas, kernel, max_len)
     return launch
 
 
-def _make_launcher(q, hkv: int, num_splits: int, num_ctas: int | None, kernel: KernelInfo | None) -> Callable:
-    fn, workers, grid, shapes = _prepare_attention(q, hkv, num_splits, num_ctas, kernel)
+def _make_launcher(q, hkv: int, num_splits: int, num_ctas: int | None, kernel: KernelInfo | None,
+                   max_len: int | None) -> Callable:
+    fn, workers, grid, shapes = _prepare_attention(q, hkv, num_splits, num_ctas, kernel, max_len)
     device = q.device
 
     def launch(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: float) -> None:
@@ -279,12 +296,16 @@ def _make_launcher(q, hkv: int, num_splits: int, num_ctas: int | None, kernel: K
     return launch
 
 
-def _prepare_attention(q, hkv: int, num_splits: int, num_ctas: int | None, kernel: KernelInfo | None):
+def _prepare_attention(q, hkv: int, num_splits: int, num_ctas: int | None, kernel: KernelInfo | None,
+                       max_len: int | None):
     lib = library_for(q.device)
     batch, hq, head_dim = q.shape
     info = kernel or lib.attention_kernel(str(q.dtype).removeprefix("torch."), head_dim, hq // hkv)
     if info is None:
         raise ValueError(f"no kernel in {lib.path} for {q.dtype}, head dim {head_dim}, {hq // hkv} query heads "
                          f"per KV head (it has: {lib.supported()})")
+    if num_splits == STREAM_K and num_ctas is None and max_len is not None:
+        resident = num_sms(q.device) * info.ctas_per_sm
+        num_ctas = stream_k_workers(batch * hkv, -(-max_len // info.block_size), resident)
     workers, grid = _workers_and_grid(q.device, batch * hkv, num_splits, num_ctas, info.ctas_per_sm)
     return lib.function(info.name), workers, grid, ((info.max_group, head_dim), (2, info.max_group))

@@ -207,8 +207,9 @@ def _plan(q, k_cache, v_cache, cache_seqlens, layout, out) -> _Plan:
 def _make_plan(q, k_cache, v_cache, cache_seqlens, layout, out) -> _Plan:
     q3, k, _, _ = _check_metadata(q, k_cache, v_cache, cache_seqlens, layout, out)
     batch, hq, head_dim = q3.shape
+    launch = runtime.attention_launcher(q3, k.shape[1], max_len=k.shape[2])
     return _Plan(q.dim() == 4, _odd_row_strides(q3), layout == "blhd", tuple(q.shape), (batch, hq), q.dtype,
-                 q.device, k.shape[2], 1.0 / math.sqrt(head_dim), runtime.attention_launcher(q3, k.shape[1]))
+                 q.device, k.shape[2], 1.0 / math.sqrt(head_dim), launch)
 
 
 @torch.library.custom_op("lean_tvm::decode_attention", mutates_args=())

@@ -98,3 +98,31 @@ def test_results_do_not_depend_on_the_partition():
 ])
 def test_long_contexts_cpu_match_float64(batch, lens, dtype, head_dim, hq, hkv):
     run_case(batch, hq, hkv, head_dim, lens, dtype, num_ctas=132)
+
+
+@pytest.mark.parametrize("tiles,blocks,resident", [(1, 8, 132), (1, 32, 132), (1, 4096, 132), (8, 32, 132),
+                                                   (64, 256, 132), (3, 1, 132), (1, 1, 4), (200, 1000, 264)])
+def test_stream_k_workers_bounded_by_the_work(tiles, blocks, resident):
+    w = runtime.stream_k_workers(tiles, blocks, resident)
+    assert 1 <= w <= resident
+    assert w <= tiles * runtime.MAX_SPLIT  # no lone tile split over every SM
+    assert w <= max(runtime.MIN_WORKERS, tiles * blocks // runtime.BLOCKS_PER_WORKER)
+    if tiles * blocks >= resident * runtime.BLOCKS_PER_WORKER and tiles * runtime.MAX_SPLIT >= resident:
+        assert w == resident  # plenty of work over enough tiles: every SM
+
+
+def test_small_work_runs_on_fewer_workers_and_matches():
+    """The launcher sizes the worker count from the cache length; the result does not change."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 8, 64, generator=g).half()
+    k = torch.randn(1, 1, 300, 64, generator=g).half()
+    v = torch.randn_like(k)
+    lens = torch.tensor([300], dtype=torch.int32)
+    outs = []
+    for ctas in (None, 132):
+        o, lse = torch.empty_like(q), torch.empty(1, 8)
+        runtime.launch_attention(q, k, v, lens, o, lse, 0.125, num_ctas=ctas)
+        outs.append((o, lse))
+    ref_o, ref_lse = decode_attention_reference(q, k, v, [300], 0.125)
+    for o, lse in outs:
+        assert_attention_close(o, lse, ref_o, ref_lse, torch.float16)
