@@ -64,7 +64,7 @@ def main() -> None:
     out = torch.empty_like(q)
     lse = torch.empty(1, 32, device=dev)
     scale = 1 / math.sqrt(128)
-    fn, workers, grid, shapes = runtime._prepare_attention(q, 8, 0, None, None)
+    fn, workers, grid, shapes = runtime._prepare_attention(q, 8, 0, None, None, k.shape[2])
     ws = runtime.WORKSPACE.get(dev, workers, *shapes)
     plan = torch_ops._plan(q, k, v, lens, "bhld", None)
     rows = {
