@@ -219,12 +219,15 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
             for j in T.unroll(2):
                 bufs.mrow[nn * 2 + j] = ninf
                 bufs.lrow[nn * 2 + j] = T.float32(0)
-            row = T.meta_var(T.Cast("int64", b) * bufs.sqb + T.Cast("int64", h * bufs.G + nn * 8 + g) * bufs.sqh)
+            # Heads past G (padding of the 8-wide tile) read head G - 1 and are masked to zero: a
+            # load under a branch would make the warp wait for it before the K/V prefetch.
+            head = T.meta_var(h * bufs.G + T.min(nn * 8 + g, bufs.G - 1))
+            row = T.meta_var(T.Cast("int64", b) * bufs.sqb + T.Cast("int64", head) * bufs.sqh)
+            keep = T.meta_var(T.Select(nn * 8 + g < bufs.G, T.uint32(0xFFFFFFFF), T.uint32(0)))
             for kk in T.unroll(KS):
                 for j in T.unroll(2):
-                    bufs.qw[(nn * KS + kk) * 2 + j] = T.if_then_else(
-                        nn * 8 + g < bufs.G,
-                        bufs.QW[T.truncdiv(row + T.Cast("int64", kk * 16 + t * 2 + 8 * j), 2)], T.uint32(0))
+                    bufs.qw[(nn * KS + kk) * 2 + j] = T.bitwise_and(
+                        bufs.QW[T.truncdiv(row + T.Cast("int64", kk * 16 + t * 2 + 8 * j), 2)], keep)
                 for e in T.unroll(4):
                     bufs.acc[(nn * KS + kk) * 4 + e] = T.float32(0)
 
@@ -532,6 +535,7 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse=LSE_NATURAL):
         ms = T.alloc_buffer((GM,), "float32", scope="shared")
         ls = T.alloc_buffer((GM,), "float32", scope="shared")
         cum = T.alloc_buffer((cfg.max_batch + 1,), "int32", scope="shared")
+        lens = T.alloc_buffer((cfg.max_batch,), "int32", scope="shared")
         wsum = T.alloc_buffer((NWARP,), "int32", scope="shared")
         valid = T.alloc_buffer((NT,), "int32", scope="shared")
         srch = T.alloc_buffer((2,), "int32", scope="local")
@@ -559,9 +563,9 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse=LSE_NATURAL):
         ok = T.alloc_buffer((CU,), "int32", scope="local")
         lane, warp = T.meta_var(T.truncmod(tx, 32)), T.meta_var(T.truncdiv(tx, 32))
         ctx = T.meta_var(SimpleNamespace(
-            SL=src.SL, B=src.B, H=src.HKV, LMAX=src.LMAX, CUM=cum, NW=num_workers, SPLITS=num_splits, srch=srch,
-            QR=qr, FLAGS=FLAGS, seen=seen, WSUM=wsum, VALID=valid, tx=tx, lane=lane, warp=warp, bx=bx, grid=grid,
-            TRACE=TRACE))
+            SL=src.SL, LENS=lens, B=src.B, H=src.HKV, LMAX=src.LMAX, CUM=cum, NW=num_workers, SPLITS=num_splits,
+            srch=srch, QR=qr, FLAGS=FLAGS, seen=seen, WSUM=wsum, VALID=valid, tx=tx, lane=lane, warp=warp, bx=bx,
+            grid=grid, TRACE=TRACE))
         bufs = T.meta_var(SimpleNamespace(
             **vars(src), O=O, LSE=LSE, WSO=WSO, WSML=WSML, G=T.truncdiv(src.HQ, src.HKV), soff=soff, goff=goff,
             gaddr=gaddr, RING=ring, ACCW=accw, MW=mw, LW=lw, FW=fw, MS=ms, LS=ls, qw=qw, acc=acc, mrow=mrow,

@@ -216,6 +216,7 @@ def make_gpu_gemv(spec: GemvSpec):
         ring_t = T.decl_buffer((ring_elems,), dt, data=ring.data, scope="shared.dyn")
         part = T.alloc_buffer((WARPS * ROWS,), "float32", scope="shared")
         cum = T.alloc_buffer((2,), "int32", scope="shared")
+        lens = T.alloc_buffer((1,), "int32", scope="shared")
         wsum = T.alloc_buffer((WARPS,), "int32", scope="shared")
         valid = T.alloc_buffer((32 * WARPS,), "int32", scope="shared")
         srch = T.alloc_buffer((2,), "int32", scope="local")
@@ -227,9 +228,9 @@ def make_gpu_gemv(spec: GemvSpec):
         wv = T.alloc_buffer((8,), dt, scope="local")
         lane, warp = T.meta_var(T.truncmod(tx, 32)), T.meta_var(T.truncdiv(tx, 32))
         ctx = T.meta_var(SimpleNamespace(
-            SL=KL, B=1, H=T.truncdiv(N + ROWS - 1, ROWS), LMAX=K, CUM=cum, NW=num_workers, SPLITS=num_splits,
-            srch=srch, QR=qr, FLAGS=FLAGS, seen=seen, WSUM=wsum, VALID=valid, tx=tx, lane=lane, warp=warp,
-            bx=bx, grid=grid, TRACE=None))
+            SL=KL, LENS=lens, B=1, H=T.truncdiv(N + ROWS - 1, ROWS), LMAX=K, CUM=cum, NW=num_workers,
+            SPLITS=num_splits, srch=srch, QR=qr, FLAGS=FLAGS, seen=seen, WSUM=wsum, VALID=valid, tx=tx, lane=lane,
+            warp=warp, bx=bx, grid=grid, TRACE=None))
         bufs = T.meta_var(SimpleNamespace(W=W, X=X, Y=Y, WS=WS, N=N, RING=ring, RINGT=ring_t, PART=part, acc=acc,
                                           state=state, xv=xv, wv=wv, tx=tx, lane=lane, warp=warp))
         walk(ctx, op, bufs)

@@ -78,7 +78,7 @@ class GpuKnobs:
 
     def static_smem_bytes(self, spec: AttentionSpec) -> int:
         per_head = 3 * self.num_warps * spec.max_group + 2 * spec.max_group
-        return (per_head + self.max_batch + 1 + self.num_warps + 32 * self.num_warps) * 4
+        return (per_head + 2 * self.max_batch + 1 + self.num_warps + 32 * self.num_warps) * 4
 
     def smem_bytes(self, spec: AttentionSpec) -> int:
         return self.ring_bytes(spec) + self.static_smem_bytes(spec)

@@ -215,7 +215,10 @@ __forceinline__ __device__ unsigned long long lean_globaltimer() {
 
 def gpu_walk(cfg: StreamKConfig):
     """The persistent GPU form: CTAs walk workers bx, bx + grid, ...; per warp a cp.async
-    pipeline ``stages`` deep runs over the whole range, across tile boundaries."""
+    pipeline ``stages`` deep runs over the whole range, across tile boundaries. Besides the
+    fields of :func:`plan_macros`, ``ctx`` needs LENS (shared int32[max batch]: the plan keeps
+    the clamped lengths there, so no global load sits before a K/V load), WSUM, VALID, seen and
+    the thread indices."""
     pm = plan_macros(cfg)
     bs, nt, stages, nwarps = cfg.block_size, cfg.num_threads, cfg.stages, cfg.num_warps
     full_mask = T.uint32(0xFFFFFFFF)
@@ -235,6 +238,7 @@ def gpu_walk(cfg: StreamKConfig):
         scan[0] = 0
         for j in range(chunk):
             if ctx.tx * chunk + j < ctx.B:
+                ctx.LENS[ctx.tx * chunk + j] = seq_len(ctx, ctx.tx * chunk + j)
                 scan[0] = scan[0] + blocks_of(ctx, ctx.tx * chunk + j, bs)
         scan[1] = scan[0]
         for o in T.unroll(5):
@@ -260,7 +264,7 @@ def gpu_walk(cfg: StreamKConfig):
 
     @T.macro
     def load_step(ctx, op, bufs, stage, ld):
-        op.load(bufs, stage, ld[SEQ], ld[HEAD], row0_of(ld, bs), seq_len(ctx, ld[SEQ]))
+        op.load(bufs, stage, ld[SEQ], ld[HEAD], row0_of(ld, bs), ctx.LENS[ld[SEQ]])
 
     @T.macro
     def reduce(ctx, op, bufs, v, tile_start, rng2):
@@ -320,9 +324,6 @@ def gpu_walk(cfg: StreamKConfig):
         plan_setup(ctx)
         op.setup(bufs)
         trace(ctx, "planned")
-        for k in range(T.truncdiv(ctx.B - ctx.bx + ctx.grid - 1, ctx.grid)):
-            if seq_len(ctx, ctx.bx + k * ctx.grid) == 0:
-                op.write_empty(bufs, ctx.bx + k * ctx.grid)
         rng = T.alloc_buffer((3,), "int32", scope="local")
         rng2 = T.alloc_buffer((4,), "int32", scope="local")
         cur = T.alloc_buffer((5,), "int32", scope="local")
@@ -352,7 +353,7 @@ def gpu_walk(cfg: StreamKConfig):
                     T.ptx["cp.async.wait_group"](stages - 1)
                     T.cuda.warp_sync()
                     op.compute(bufs, T.truncmod(i, stages), cur[SEQ], cur[HEAD], row0_of(cur, bs),
-                               seq_len(ctx, cur[SEQ]))
+                               ctx.LENS[cur[SEQ]])
                     T.cuda.warp_sync()
                     if i == 0:
                         trace(ctx, "first_step_done")
@@ -365,6 +366,11 @@ def gpu_walk(cfg: StreamKConfig):
                     else:
                         pm["advance"](ctx, rng, cur)
 
+        # Empty sequences last: nothing waits on them, and their length test is not on the way
+        # to the first K/V load.
+        for k in range(T.truncdiv(ctx.B - ctx.bx + ctx.grid - 1, ctx.grid)):
+            if ctx.LENS[ctx.bx + k * ctx.grid] == 0:
+                op.write_empty(bufs, ctx.bx + k * ctx.grid)
         trace(ctx, "done")
 
     return walk
