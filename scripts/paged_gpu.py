@@ -17,6 +17,7 @@ Timing (lean_tvm.timing): median [p10-p90] of 30 calls, each behind a 256 MB L2-
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -169,6 +170,9 @@ def time_all(k: PagedKernels, results: dict) -> None:
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checks-only", action="store_true", help="correctness checks, no timing (tests/test_gpu.py)")
+    args = ap.parse_args()
     with open(os.path.join(DIR, "manifest.json")) as f:
         manifest = json.load(f)
     props = torch.cuda.get_device_properties(0)
@@ -184,7 +188,8 @@ def main() -> int:
                "commit": os.environ.get("LEAN_TVM_COMMIT", ""), "checks": {}, "timings": {}}
     ok = check_kernels(k, results)
     ok &= check_kv_cache(manifest, k, results)
-    time_all(k, results)
+    if not args.checks_only:
+        time_all(k, results)
     if os.environ.get("OUT"):
         os.makedirs(os.environ["OUT"], exist_ok=True)
         with open(os.path.join(os.environ["OUT"], "paged_gpu.json"), "w") as f:

@@ -6,6 +6,9 @@ Run on the GPU machine with the library built by ``python -m lean_tvm.build`` on
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -148,3 +151,21 @@ def test_stream_k_gemv_matches_float64(n, k, splits, dtype):
     ref = w.double() @ x.double()
     tol = (1e-2 if dtype == BF16 else 2e-3) * ref.abs().max().item()
     torch.testing.assert_close(y.double(), ref, atol=tol, rtol=0)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELAX_GPU_DIR = os.environ.get("RELAX_GPU_DIR", os.path.join(REPO, "build", "relax_gpu"))
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(RELAX_GPU_DIR, "manifest.json")),
+                    reason="needs the paged-cache artifacts: python scripts/build_relax_gpu.py")
+def test_paged_decode_matches_tvms_kernel_and_float64():
+    """LeanAttention in TIRPagedKVCache's form (CUDA) against float64 and TVM's own paged decode
+    kernel (ragged, empty, one long sequence), and inside TVM's KV cache runtime: the checks of
+    scripts/paged_gpu.py, which runs in a process of its own (runtime-only TVM)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.join(RELAX_GPU_DIR, "site"), RELAX_GPU_DIR, REPO, os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "paged_gpu.py"), "--checks-only"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert "OK paged_gpu" in res.stdout and res.stdout.count("[check]") >= 8
