@@ -208,7 +208,23 @@ def stream_k_workers(tiles: int, blocks_per_tile: int, resident: int) -> int:
     Measured on the H100 (NOTES.md), B=1 8/1 D128 (one tile), device time vs workers:
     L1k 10.4 us at 8 vs 33.7 at 132; L64k 27.7 at 64 vs 35.8; L512k 103.9 at 64 vs 114.3."""
     want = max(MIN_WORKERS, tiles * blocks_per_tile // BLOCKS_PER_WORKER)
-    return max(1, min(resident, want, tiles * MAX_SPLIT))
+    workers = max(1, min(resident, want, tiles * MAX_SPLIT))
+    return aligned_workers(tiles, resident) if workers == resident else workers
+
+
+ALIGN_MIN_FRACTION = 0.9
+
+
+def aligned_workers(tiles: int, resident: int) -> int:
+    """The largest count >= 90% of ``resident`` that is a multiple or a divisor of ``tiles``
+    (else ``resident``): with equal lengths every worker then holds whole tiles or equal parts of
+    one, so fewer tiles are cut and merged. H100, 128 vs 132 workers: B1 32/8 L16k 31.4 vs 33.1 us,
+    B8 L4k 52.2 vs 54.3, B32 L2k 94.8 vs 98.5, B16 L16k 352 vs 356; ragged batches gain nothing
+    (1x128k + 15x2k: 231 vs 230; 64/8 2x64k + 30x512: 243-261 vs 238)."""
+    for w in range(resident, max(int(resident * ALIGN_MIN_FRACTION), 1) - 1, -1):
+        if w % tiles == 0 or tiles % w == 0:
+            return w
+    return resident
 
 
 def _workers_and_grid(device, tiles: int, num_splits: int, num_ctas: int | None, ctas_per_sm: int):

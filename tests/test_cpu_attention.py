@@ -108,7 +108,15 @@ def test_stream_k_workers_bounded_by_the_work(tiles, blocks, resident):
     assert w <= tiles * runtime.MAX_SPLIT  # no lone tile split over every SM
     assert w <= max(runtime.MIN_WORKERS, tiles * blocks // runtime.BLOCKS_PER_WORKER)
     if tiles * blocks >= resident * runtime.BLOCKS_PER_WORKER and tiles * runtime.MAX_SPLIT >= resident:
-        assert w == resident  # plenty of work over enough tiles: every SM
+        assert w == runtime.aligned_workers(tiles, resident)  # plenty of work: (nearly) every SM
+
+
+@pytest.mark.parametrize("tiles,resident,want", [(8, 132, 128), (64, 132, 128), (256, 132, 128), (1, 132, 132),
+                                                 (3, 132, 132), (48, 132, 132), (24, 132, 120), (7, 4, 4)])
+def test_aligned_workers_cut_tiles_evenly_without_idling_many_sms(tiles, resident, want):
+    w = runtime.aligned_workers(tiles, resident)
+    assert w == want
+    assert w >= runtime.ALIGN_MIN_FRACTION * resident or w == resident
 
 
 def test_small_work_runs_on_fewer_workers_and_matches():
