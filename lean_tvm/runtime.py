@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -196,19 +197,19 @@ def num_sms(device: torch.device) -> int:
 
 
 MIN_WORKERS = 8
-BLOCKS_PER_WORKER = 4
 MAX_SPLIT = 64
+SPLIT_SCALE = 3.0
 
 
 def stream_k_workers(tiles: int, blocks_per_tile: int, resident: int) -> int:
     """Stream-K workers for ``tiles`` tiles of at most ``blocks_per_tile`` blocks (from the cache's
-    length: a shape-only choice, graph-safe). Fewer than every resident CTA when the work is small
-    or concentrated in few tiles: a tile's reducer merges its contributors one partial at a time
-    (~0.15 us each), so splitting a short or lone tile over all SMs costs more than it streams.
-    Measured on the H100 (NOTES.md), B=1 8/1 D128 (one tile), device time vs workers:
-    L1k 10.4 us at 8 vs 33.7 at 132; L64k 27.7 at 64 vs 35.8; L512k 103.9 at 64 vs 114.3."""
-    want = max(MIN_WORKERS, tiles * blocks_per_tile // BLOCKS_PER_WORKER)
-    workers = max(1, min(resident, want, tiles * MAX_SPLIT))
+    length: a shape-only choice, graph-safe). At most one block per worker, and a tile split at
+    most ~3 sqrt(blocks) ways (<= 64): its reducer merges the contributors at ~0.15-0.2 us each, so
+    a short or lone tile split over every SM spends more merging than streaming. Fitted to an
+    H100 sweep of the worker count (NOTES.md): B=1 8/1 (one tile) is fastest at 8, 16, 24-32, 32,
+    48, 64 workers for 8, 32, 64, 128, 256, >= 512 blocks; B1 32/8 L1k (8 tiles x 8 blocks) at 64."""
+    split = min(MAX_SPLIT, math.ceil(SPLIT_SCALE * math.sqrt(blocks_per_tile)))
+    workers = max(1, min(resident, max(MIN_WORKERS, tiles * blocks_per_tile), tiles * split))
     return aligned_workers(tiles, resident) if workers == resident else workers
 
 
