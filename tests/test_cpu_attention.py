@@ -121,18 +121,22 @@ def test_aligned_workers_cut_tiles_evenly_without_idling_many_sms(tiles, residen
     assert w >= runtime.ALIGN_MIN_FRACTION * resident or w == resident
 
 
-def test_small_work_runs_on_fewer_workers_and_matches():
-    """The launcher sizes the worker count from the cache length; the result does not change."""
+def test_launcher_sizes_the_workers_from_the_cache_length(monkeypatch):
+    """With 132 SMs, a lone tile of a few blocks gets the few workers ``stream_k_workers`` picks
+    (not 132); the result matches float64 either way. (The CPU kernel runs any worker count.)"""
+    monkeypatch.setattr(runtime, "num_sms", lambda device: 132)
+    monkeypatch.setattr(runtime, "_LAUNCHES", {})
     g = torch.Generator().manual_seed(7)
     q = torch.randn(1, 8, 64, generator=g).half()
     k = torch.randn(1, 1, 300, 64, generator=g).half()
     v = torch.randn_like(k)
     lens = torch.tensor([300], dtype=torch.int32)
-    outs = []
+    info = runtime.library_for(q.device).attention_kernel("float16", 64, 8)
+    _, workers, grid, _ = runtime._prepare_attention(q, 1, runtime.STREAM_K, None, None, k.shape[2])
+    want = runtime.stream_k_workers(1, -(-300 // info.block_size), 132 * info.ctas_per_sm)
+    assert workers == grid == want < 132
+    ref_o, ref_lse = decode_attention_reference(q, k, v, [300], 0.125)
     for ctas in (None, 132):
         o, lse = torch.empty_like(q), torch.empty(1, 8)
         runtime.launch_attention(q, k, v, lens, o, lse, 0.125, num_ctas=ctas)
-        outs.append((o, lse))
-    ref_o, ref_lse = decode_attention_reference(q, k, v, [300], 0.125)
-    for o, lse in outs:
         assert_attention_close(o, lse, ref_o, ref_lse, torch.float16)
