@@ -247,11 +247,14 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
         """cp.async this warp's RW rows of the block; rows past the length are zero-filled
         (src-size 0, from an address the cache's addressing says is always valid)."""
         rbase = T.meta_var(row0 + bufs.warp * RW)
-        left = T.meta_var(n - rbase - T.truncdiv(bufs.lane, CH))  # rows from the lane's first
+        # Rows from the lane's first, in a register: n may live in shared memory, and every
+        # cp.async (an asm with a memory clobber) would make nvcc load it again, one shared-memory
+        # round trip before each copy (SASS: 16 per step).
+        bufs.left[0] = n - rbase - T.truncdiv(bufs.lane, CH)
         bufs.rows(bufs, b, h, rbase)
         sbase = T.meta_var((bufs.warp * S + stage) * 2 * RW * D)
         for u in T.unroll(CPL):
-            ok = T.meta_var(u * RPU < left)
+            ok = T.meta_var(u * RPU < bufs.left[0])
             pick = T.meta_var(T.Cast("int64", ok))  # the address by arithmetic, not a branch per chunk
             T.ptx["cp.async.cg.shared.global"](
                 T.address_of(bufs.RING[sbase + bufs.soff[u]]),
@@ -557,6 +560,7 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse=LSE_NATURAL):
         srch = T.alloc_buffer((2,), "int32", scope="local")
         seen = T.alloc_buffer((1,), "int32", scope="local")
         qr = T.alloc_buffer((2,), "int32", scope="local")
+        left = T.alloc_buffer((1,), "int32", scope="local")
         qw = T.alloc_buffer((NN * KS * 2,), "uint32", scope="local")
         soff = T.alloc_buffer((op.sizes["CPL"],), "int32", scope="local")
         goff = T.alloc_buffer((2,), "int64", scope="local")
@@ -584,7 +588,7 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse=LSE_NATURAL):
             grid=grid, TRACE=TRACE))
         bufs = T.meta_var(SimpleNamespace(
             **vars(src), O=O, LSE=LSE, WSO=WSO, WSML=WSML, G=T.truncdiv(src.HQ, src.HKV), soff=soff, goff=goff,
-            gaddr=gaddr, RING=ring, ACCW=accw, MW=mw, LW=lw, FW=fw, MS=ms, LS=ls, qw=qw, acc=acc, mrow=mrow,
+            gaddr=gaddr, left=left, RING=ring, ACCW=accw, MW=mw, LW=lw, FW=fw, MS=ms, LS=ls, qw=qw, acc=acc, mrow=mrow,
             lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, red=red, eo=eo, em=em, el=el, w4=w4, mc=mc, lc=lc,
             ok=ok, tx=tx, lane=lane, warp=warp, scale_log2=softmax_scale * T.float32(LOG2E), lse_unit=lse[0],
             lse_empty=lse[1]))
