@@ -9,7 +9,11 @@ KV blocks. All tiles' blocks are laid end to end in tile order ("the block space
 (a CTA, or one of the items a persistent CTA walks) owns the contiguous range ``[lo, hi)``:
 
 * stream-K (``num_splits == 0``): ``num_workers = num_ctas`` and
-  ``lo(w) = w * total // num_workers`` -- equal shares to within one block;
+  ``lo(w) = w * total // num_workers`` -- equal shares to within one block; with a
+  ``tile_cost`` (the fixed work of starting and finishing a tile, in 1/BLOCK_COST blocks) the
+  shares are equal in *cost*: a tile costs ``BLOCK_COST * blocks + tile_cost``, the cost line is
+  cut evenly, and a cut maps to the nearest block boundary (:func:`stream_k_edges`) -- so a
+  worker walking many short tiles gets fewer blocks than one inside a long tile;
 * fixed split (``num_splits = S``): worker ``w`` is chunk ``w % S`` of tile ``w // S``, i.e.
   ``lo = start_t + j * nb_t // S``; "no split" is ``S = 1`` (FlashAttention-2 style).
 
@@ -31,6 +35,7 @@ from enum import Enum
 import numpy as np
 
 STREAM_K = 0  # the ``num_splits`` value that selects the stream-K partition
+BLOCK_COST = 4  # a block's cost in the stream-K cost line; ``tile_cost`` is in these units
 
 
 class PieceKind(Enum):
@@ -112,11 +117,32 @@ def tile_starts(seq_lens: Sequence[int], num_kv_heads: int, block_size: int) -> 
     return np.concatenate([[0], np.cumsum(nb)]).astype(np.int64)
 
 
-def worker_ranges(tile_start: np.ndarray, num_workers: int, num_splits: int) -> np.ndarray:
+def stream_k_edges(tile_start: np.ndarray, num_workers: int, tile_cost: int = 0) -> np.ndarray:
+    """The ``num_workers + 1`` block boundaries of the stream-K shares: the cost line (a tile of
+    n blocks costs ``BLOCK_COST * n + tile_cost``) cut evenly, each cut moved to the nearest block
+    boundary of its tile with the tile's cost spread evenly over its blocks: a worker walking many
+    short tiles gets fewer blocks. When every tile has the same number of blocks the tile cost is
+    not applied (the plain even split of the blocks, as with ``tile_cost = 0``): the workers then
+    hold about as many pieces each, and the kernel skips the cost arithmetic."""
+    if tile_cost < 0:
+        raise ValueError(f"tile_cost: expected >= 0, got {tile_cost}")
+    cuts = np.arange(num_workers + 1, dtype=np.int64)
+    if tile_cost == 0 or len(set(np.diff(tile_start).tolist())) <= 1:  # equal tiles: the plain split
+        return cuts * int(tile_start[-1]) // num_workers
+    tiles = np.arange(len(tile_start), dtype=np.int64)
+    cost_start = BLOCK_COST * tile_start + tile_cost * tiles  # [tiles + 1]
+    cuts = cuts * int(cost_start[-1]) // num_workers
+    t = np.clip(np.searchsorted(cost_start[:-1], cuts, side="right") - 1, 0, None)
+    nb = np.diff(tile_start)[t]
+    cost = BLOCK_COST * nb + tile_cost
+    done = (2 * (cuts - cost_start[t]) * nb + cost) // (2 * cost)  # rounded to the nearest block
+    return tile_start[t] + np.clip(done, 0, nb)
+
+
+def worker_ranges(tile_start: np.ndarray, num_workers: int, num_splits: int, tile_cost: int = 0) -> np.ndarray:
     """``[num_workers, 2]`` block ranges: the formulas the device plan evaluates too."""
     if num_splits == STREAM_K:
-        total = int(tile_start[-1])
-        edges = np.arange(num_workers + 1, dtype=np.int64) * total // num_workers
+        edges = stream_k_edges(tile_start, num_workers, tile_cost)
         return np.stack([edges[:-1], edges[1:]], axis=1)
     start, nb = tile_start[:-1], np.diff(tile_start)
     j = np.arange(num_splits, dtype=np.int64)
@@ -152,11 +178,13 @@ def make_plan(
     block_size: int,
     num_ctas: int,
     num_splits: int = STREAM_K,
+    tile_cost: int = 0,
 ) -> Plan:
     """Partition the blocks of all ``len(seq_lens) * num_kv_heads`` tiles.
 
-    ``num_splits == 0`` gives stream-K over ``num_ctas`` workers; ``num_splits >= 1`` gives a
-    fixed split with ``num_tiles * num_splits`` workers (``num_ctas`` is then ignored).
+    ``num_splits == 0`` gives stream-K over ``num_ctas`` workers (``tile_cost``: see
+    :func:`stream_k_edges`); ``num_splits >= 1`` gives a fixed split with
+    ``num_tiles * num_splits`` workers (``num_ctas`` is then ignored).
     """
     if num_kv_heads <= 0:
         raise ValueError(f"num_kv_heads: expected > 0, got {num_kv_heads}")
@@ -167,7 +195,7 @@ def make_plan(
     tile_start = tile_starts(seq_lens, num_kv_heads, block_size)
     num_tiles = len(tile_start) - 1
     num_workers = num_ctas if num_splits == STREAM_K else num_tiles * num_splits
-    ranges = worker_ranges(tile_start, num_workers, num_splits)
+    ranges = worker_ranges(tile_start, num_workers, num_splits, tile_cost)
     pieces = tuple(tuple(_pieces_of(int(lo), int(hi), tile_start)) for lo, hi in ranges)
     reducer, parts = {}, {}
     for w in range(num_workers):
@@ -193,9 +221,10 @@ def make_plan(
     )
 
 
-def stream_k_plan(seq_lens, num_kv_heads, block_size, num_ctas) -> Plan:
-    """LeanAttention: every worker gets an equal contiguous share of all tiles' blocks."""
-    return make_plan(seq_lens, num_kv_heads, block_size, num_ctas, STREAM_K)
+def stream_k_plan(seq_lens, num_kv_heads, block_size, num_ctas, tile_cost: int = 0) -> Plan:
+    """LeanAttention: every worker gets an equal contiguous share of all tiles' blocks (equal in
+    cost when ``tile_cost`` charges each tile its fixed work)."""
+    return make_plan(seq_lens, num_kv_heads, block_size, num_ctas, STREAM_K, tile_cost)
 
 
 def fixed_split_plan(seq_lens, num_kv_heads, block_size, num_splits) -> Plan:

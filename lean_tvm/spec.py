@@ -22,6 +22,7 @@ class StreamKConfig:
     num_threads: int = 128  # per CTA (GPU)
     stages: int = 4  # cp.async pipeline depth, per warp (GPU)
     max_batch: int = 1024  # sequences the device plan holds in shared memory (GPU)
+    tile_cost: int = 0  # stream-K: a tile's fixed work, in 1/plan.BLOCK_COST blocks (plan.stream_k_edges)
 
     @property
     def num_warps(self) -> int:
@@ -58,6 +59,7 @@ class GpuKnobs:
     stages: int = 4  # cp.async pipeline depth per warp
     ctas_per_sm: int = 1
     max_batch: int = 1024
+    tile_cost: int = 0  # stream-K: what starting and finishing a tile costs, in quarter blocks
 
     @property
     def block_size(self) -> int:
@@ -65,11 +67,12 @@ class GpuKnobs:
 
     @property
     def tag(self) -> str:
-        return f"rw{self.rows_per_warp}_w{self.num_warps}_s{self.stages}_c{self.ctas_per_sm}"
+        tag = f"rw{self.rows_per_warp}_w{self.num_warps}_s{self.stages}_c{self.ctas_per_sm}"
+        return tag + (f"_t{self.tile_cost}" if self.tile_cost else "")
 
     def streamk_config(self) -> StreamKConfig:
         return StreamKConfig(block_size=self.block_size, num_threads=32 * self.num_warps,
-                             stages=self.stages, max_batch=self.max_batch)
+                             stages=self.stages, max_batch=self.max_batch, tile_cost=self.tile_cost)
 
     def ring_bytes(self, spec: AttentionSpec) -> int:
         """Dynamic shared memory: the K and V stages of every warp, then the warps' fp32 states."""

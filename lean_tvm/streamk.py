@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from .plan import BLOCK_COST
 from .spec import TRACE_EVENTS, StreamKConfig
 
 # Cursor layout (a local int32[5]): the block and the tile that holds it.
@@ -51,14 +52,53 @@ def blocks_of(ctx, b, block_size):
 def plan_macros(cfg: StreamKConfig):
     """Macros shared by both forms; ``ctx`` holds SL (lengths), B, H (tiles per sequence),
     LMAX (rows in the cache), CUM (int32[B + 1]: first block of each sequence's tiles),
-    NW (workers), SPLITS (0 = stream-K), QR (int32[2]: total blocks // NW and % NW) and
-    ``srch``, a local int32[2] scratch."""
+    NW (workers), SPLITS (0 = stream-K), QR (int32[2]: total cost // NW and % NW; int32[3] when
+    ``cfg.tile_cost`` > 0, QR[2] = the tile cost in effect: 0 when every sequence has the same
+    number of blocks, see ``plan.stream_k_edges``) and ``srch``, a local int32[2] scratch."""
+
+    tc = cfg.tile_cost
+
+    def cost_start(ctx, b):
+        """Where sequence b's tiles start on the cost line (``plan.stream_k_edges``)."""
+        return ctx.CUM[b] * BLOCK_COST + b * (ctx.QR[2] * ctx.H)
 
     @T.macro
     def split_total(ctx):
-        """QR = divmod(total, NW): then v * total // NW = v * q + v * r // NW in 32 bits."""
-        ctx.QR[0] = T.truncdiv(ctx.CUM[ctx.B], ctx.NW)
-        ctx.QR[1] = T.truncmod(ctx.CUM[ctx.B], ctx.NW)
+        """QR = divmod(total, NW) (total cost, with a tile cost in effect): then
+        v * total // NW = v * q + v * r // NW in 32 bits."""
+        if tc > 0:
+            if ctx.QR[2] > 0:
+                ctx.QR[0] = T.truncdiv(cost_start(ctx, ctx.B), ctx.NW)
+                ctx.QR[1] = T.truncmod(cost_start(ctx, ctx.B), ctx.NW)
+            else:
+                ctx.QR[0] = T.truncdiv(ctx.CUM[ctx.B], ctx.NW)
+                ctx.QR[1] = T.truncmod(ctx.CUM[ctx.B], ctx.NW)
+        else:
+            ctx.QR[0] = T.truncdiv(ctx.CUM[ctx.B], ctx.NW)
+            ctx.QR[1] = T.truncmod(ctx.CUM[ctx.B], ctx.NW)
+
+    @T.macro
+    def to_block(ctx, out, k):
+        """out[k]: a cut of the cost line -> the nearest block boundary of its tile, the tile's
+        cost spread over its blocks (``plan.stream_k_edges``): a binary search for the cut's
+        sequence, then its tile and the blocks done by then (64-bit: cut * blocks may not fit)."""
+        ctx.srch[0] = 0
+        ctx.srch[1] = ctx.B
+        while ctx.srch[1] - ctx.srch[0] > 1:
+            mid = T.meta_var(T.truncdiv(ctx.srch[0] + ctx.srch[1], 2))
+            if cost_start(ctx, mid) <= out[k]:
+                ctx.srch[0] = mid
+            else:
+                ctx.srch[1] = mid
+        b = T.meta_var(ctx.srch[0])
+        nb = T.meta_var(T.truncdiv(ctx.CUM[b + 1] - ctx.CUM[b], ctx.H))
+        cost = T.meta_var(nb * BLOCK_COST + ctx.QR[2])
+        rel = T.meta_var(out[k] - cost_start(ctx, b))
+        head = T.meta_var(T.truncdiv(rel, cost))  # cost > 0: only called with a tile cost in effect
+        done = T.meta_var(T.Cast("int32", T.truncdiv(
+            T.Cast("int64", rel - head * cost) * T.Cast("int64", 2 * nb) + T.Cast("int64", cost),
+            T.Cast("int64", 2 * cost))))
+        out[k] = ctx.CUM[b] + head * nb + T.min(done, nb)
 
     @T.macro
     def worker_range(ctx, v, out):
@@ -66,6 +106,10 @@ def plan_macros(cfg: StreamKConfig):
         if ctx.SPLITS == 0:
             out[0] = v * ctx.QR[0] + T.truncdiv(v * ctx.QR[1], ctx.NW)
             out[1] = (v + 1) * ctx.QR[0] + T.truncdiv((v + 1) * ctx.QR[1], ctx.NW)
+            if tc > 0:
+                if ctx.QR[2] > 0:
+                    to_block(ctx, out, 0)
+                    to_block(ctx, out, 1)
         else:
             splits = T.meta_var(T.max(ctx.SPLITS, 1))  # the branches may become a select
             t = T.meta_var(T.truncdiv(v, splits))
@@ -143,8 +187,13 @@ def cpu_walk(cfg: StreamKConfig):
     @T.macro
     def plan_setup(ctx):
         ctx.CUM[0] = 0
+        if cfg.tile_cost > 0:
+            ctx.QR[2] = 0
         for b in range(ctx.B):
             ctx.CUM[b + 1] = ctx.CUM[b] + blocks_of(ctx, b, bs) * ctx.H
+            if cfg.tile_cost > 0:
+                if blocks_of(ctx, b, bs) != blocks_of(ctx, 0, bs):
+                    ctx.QR[2] = cfg.tile_cost
         pm["split_total"](ctx)
 
     @T.macro
@@ -234,12 +283,17 @@ def gpu_walk(cfg: StreamKConfig):
     def plan_setup(ctx):
         """CUM by a parallel scan: a serial chunk per thread, warp shuffles, warp totals."""
         chunk = T.meta_var(T.truncdiv(ctx.B + (nt - 1), nt))
-        scan = T.alloc_buffer((3,), "int32", scope="local")
+        scan = T.alloc_buffer((4 if cfg.tile_cost > 0 else 3,), "int32", scope="local")
         scan[0] = 0
+        if cfg.tile_cost > 0:
+            scan[3] = 1  # this thread's sequences have as many blocks as sequence 0
         for j in range(chunk):
             if ctx.tx * chunk + j < ctx.B:
                 ctx.LENS[ctx.tx * chunk + j] = seq_len(ctx, ctx.tx * chunk + j)
                 scan[0] = scan[0] + blocks_of(ctx, ctx.tx * chunk + j, bs)
+                if cfg.tile_cost > 0:
+                    if blocks_of(ctx, ctx.tx * chunk + j, bs) != blocks_of(ctx, 0, bs):
+                        scan[3] = 0
         scan[1] = scan[0]
         for o in T.unroll(5):
             up = T.meta_var(T.tvm_warp_shuffle_up(full_mask, scan[1], 1 << o, 32, 32))
@@ -248,7 +302,10 @@ def gpu_walk(cfg: StreamKConfig):
                 scan[1] = scan[1] + scan[2]
         if ctx.lane == 31:
             ctx.WSUM[ctx.warp] = scan[1]
-        T.tvm_storage_sync("shared")
+        if cfg.tile_cost > 0:
+            ctx.QR[2] = T.Select(T.cuda.syncthreads_and(scan[3]) != 0, 0, cfg.tile_cost)
+        else:
+            T.tvm_storage_sync("shared")
         for w in T.unroll(nwarps):
             if w < ctx.warp:
                 scan[1] = scan[1] + ctx.WSUM[w]

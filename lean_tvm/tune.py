@@ -33,6 +33,7 @@ CANDIDATES = (
     GpuKnobs(rows_per_warp=16, num_warps=8, stages=2),
     GpuKnobs(rows_per_warp=16, num_warps=4, stages=2, ctas_per_sm=2),
     GpuKnobs(rows_per_warp=16, num_warps=4, stages=8),
+    GpuKnobs(rows_per_warp=16, num_warps=8, stages=2, tile_cost=6),  # ragged: fewer blocks where tiles are short
 )
 # (name, batch, Hq, Hkv, lengths): the shape classes a schedule must serve.
 SHAPES = (
@@ -41,6 +42,7 @@ SHAPES = (
     ("B1 L256k", 1, 32, 8, [262144]),
     ("B16 L4k", 16, 32, 8, [4096] * 16),
     ("ragged 1x128k+15x2k", 16, 32, 8, [131072] + [2048] * 15),
+    ("ragged 2x32k+30x512", 32, 32, 8, [32768] * 2 + [512] * 30),
 )
 
 

@@ -35,6 +35,7 @@ LENS = [
     [1] * 37,
     [7000] + [100] * 63,
     list(np.random.default_rng(0).integers(0, 16384, 48)),
+    [65536, 4096, 2048, 30000, 1024, 1024, 8192],
 ]
 
 
@@ -47,6 +48,39 @@ def test_stream_k_plan_covers_every_block_once_and_balances(lens, ctas):
     work = p.blocks_per_worker()
     assert work.sum() == p.total_blocks
     assert work.max() - work.min() <= 1  # equal to within one block
+
+
+@pytest.mark.parametrize("lens", LENS)
+@pytest.mark.parametrize("ctas", [1, 7, 132, 1000])
+def test_stream_k_plan_with_a_tile_cost_balances_cost(lens, ctas):
+    """Cover, order, monotone cuts for any lengths; for tiles of >= 8 blocks, shares equal in cost
+    (BLOCK_COST per block + tile_cost per tile started) to within a block and a tile cost at each
+    end."""
+    tile_cost = 6
+    p = P.stream_k_plan(lens, num_kv_heads=8, block_size=64, num_ctas=ctas, tile_cost=tile_cost)
+    assert_covers_every_block_once(p)
+    assert_order_rule(p)
+    assert (np.diff(p.ranges, axis=0)[:, 0] >= 0).all()  # cuts in order: reducers wait only below
+    if len(set(P.blocks_per_sequence(lens, 64).tolist())) <= 1:
+        assert (p.ranges == P.stream_k_plan(lens, 8, 64, ctas).ranges).all()  # equal tiles: plain split
+        return
+    if min(lens) < 64 * 8 or ctas > p.total_blocks // 4:
+        return  # tiles of a few blocks: a cut's rounding to a block outweighs the balance
+    starts = [sum(piece.begin == p.tile_start[piece.tile] for piece in w) for w in p.pieces]
+    cost = P.BLOCK_COST * p.blocks_per_worker() + tile_cost * np.array(starts)
+    assert cost.max() - cost.min() <= 2 * (P.BLOCK_COST + tile_cost)
+
+
+def test_tile_cost_moves_blocks_away_from_short_tiles():
+    """Two long sequences then many short ones: the workers over the short tiles get fewer blocks."""
+    lens = [65536] * 2 + [512] * 30
+    plain = P.stream_k_plan(lens, 8, 128, 128)
+    costed = P.stream_k_plan(lens, 8, 128, 128, tile_cost=6)
+    assert plain.blocks_per_worker()[-1] == plain.blocks_per_worker().max()
+    assert costed.blocks_per_worker()[-1] < plain.blocks_per_worker()[-1] - 5
+    assert max(len(w) for w in costed.pieces) < max(len(w) for w in plain.pieces)
+    with pytest.raises(ValueError, match="tile_cost"):
+        P.stream_k_plan(lens, 8, 128, 128, tile_cost=-1)
 
 
 @pytest.mark.parametrize("lens", LENS)

@@ -59,10 +59,10 @@ def probe_operator():
                            write_output=write_output, write_empty=write_empty)
 
 
-@pytest.fixture(scope="module")
-def probe():
+@pytest.fixture(scope="module", params=[0, 3], ids=["tile_cost0", "tile_cost3"])
+def probe(request):
     op = probe_operator()
-    walk = streamk.cpu_walk(StreamKConfig(block_size=BS))
+    walk = streamk.cpu_walk(StreamKConfig(block_size=BS, tile_cost=request.param))
 
     @T.prim_func(s_tir=True)
     def probe_walk(seq_lens: T.handle, cover: T.handle, pub: T.handle, out: T.handle, nc: T.handle,
@@ -79,7 +79,7 @@ def probe():
         FLAGS = T.match_buffer(flags, (num_workers,), "int32")
         cum = T.alloc_buffer((B + 1,), "int32")
         srch = T.alloc_buffer((2,), "int32")
-        qr = T.alloc_buffer((2,), "int32")
+        qr = T.alloc_buffer((3,), "int32")
         log = T.alloc_buffer((MAXC,), "int32")
         cnt = T.alloc_buffer((1,), "int32")
         cnt[0] = 0
@@ -89,7 +89,9 @@ def probe():
                                           LOG=log, cnt=cnt))
         walk(ctx, op, bufs)
 
-    return tvm.compile(probe_walk, target="llvm")["probe_walk"]
+    fn = tvm.compile(probe_walk, target="llvm")["probe_walk"]
+    fn.tile_cost = request.param
+    return fn
 
 
 def run_probe(fn, lens, heads, workers, splits):
@@ -114,13 +116,17 @@ CASES = [
     ([1000, 0, 37, 640], 2, 0, 3),
     ([1000, 16, 17], 4, 0, 1),
     ([500] * 3, 1, 0, 8),
+    ([1000, 0, 0, 37, 640, 16, 1, 1, 900], 2, 13, 0),  # short tiles among long: the tile cost moves cuts
+    ([0, 0, 5], 3, 40, 0),  # more workers than blocks; empty tiles still cost
+    ([300] * 4, 2, 5, 0),  # equal tiles: the plain split
+    ([33, 40, 48], 3, 7, 0),  # equal in blocks, not in rows: the plain split too
 ]
 
 
 @pytest.mark.parametrize("lens,heads,workers,splits", CASES)
 def test_device_walk_equals_python_plan(probe, lens, heads, workers, splits):
     rec = run_probe(probe, lens, heads, workers, splits)
-    p = P.make_plan(lens, heads, BS, workers, splits)
+    p = P.make_plan(lens, heads, BS, workers, splits, probe.tile_cost)
     nb = P.blocks_per_sequence(lens, BS)
     for b in range(len(lens)):
         assert rec.empty[b] == (1 if lens[b] == 0 else 0)
