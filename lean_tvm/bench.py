@@ -930,6 +930,18 @@ class Bench:
 # --------------------------------------------------------------------------------------------
 
 
+def portable_argv() -> list[str]:
+    """sys.argv with the script named relative to the repository and the output folder dropped
+    (result files carry no machine's paths)."""
+    script = Path(sys.argv[0]).resolve()
+    name = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else script.name
+    args = sys.argv[1:]
+    if "--out" in args and args.index("--out") + 1 < len(args):
+        i = args.index("--out")
+        args = args[:i] + args[i + 2:]
+    return [name, *args]
+
+
 def git_commit() -> str:
     if os.environ.get("LEAN_TVM_COMMIT"):
         return os.environ["LEAN_TVM_COMMIT"]
@@ -970,7 +982,7 @@ def collect_meta(device: torch.device, args, systems: Sequence[str], fi: FlashIn
         "flashinfer": (fi.version or fi.error) if fi else "not run",
         "tvm_peer": (tvm_peer.library or tvm_peer.error) if tvm_peer else "not run", "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "argv": sys.argv, "systems": list(systems), "reps": args.reps, "seed": args.seed,
+        "argv": portable_argv(), "systems": list(systems), "reps": args.reps, "seed": args.seed,
         "timing": "Timer.device_time: 256 MB read-flush + torch.cuda._sleep before each call, CUDA events; "
                   "host_us: Timer.host_time, calls queued back to back; graph_us: replay of a 1-call CUDA graph",
     }

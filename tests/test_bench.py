@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -416,3 +417,8 @@ def test_main_loop_with_fakes(monkeypatch, tmp_path, capsys):
     rows = bench.read_csv(tmp_path / "results.csv")
     assert [r["shape"] for r in rows].count("B1 32/8 D128 fp16 L4k") == 4 and len(rows) == 8
     assert capsys.readouterr().out.count("1 shapes x 3 systems") == 2  # the second run ran only L16k
+
+
+def test_result_meta_argv_carries_no_machine_path(monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(bench.REPO / "lean_tvm" / "bench.py"), "--out", "/abs/out", "--quick"])
+    assert bench.portable_argv() == ["lean_tvm/bench.py", "--quick"]
