@@ -535,7 +535,7 @@ class Runner:
 
 def lean_runner(case: Case, num_splits: int) -> Runner:
     s = case.shape
-    info = runtime.library_for(case.q.device).attention_kernel(s.dtype, s.head_dim, s.hq // s.hkv)
+    info = runtime.library_for(case.q.device).attention_kernel(s.dtype, s.head_dim, s.hq // s.hkv, s.batch)
     if info is None:
         raise Unsupported(f"no lean kernel for {s.dtype} D{s.head_dim} G{s.hq // s.hkv}")
     out = torch.empty_like(case.q)

@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 
 from . import tvm_peer
-from .schedule_records import knobs_for, load_records
+from .schedule_records import batch_tile_cost, knobs_for, load_records
 from .spec import DTYPES, HEAD_DIMS, MAX_GROUPS, AttentionSpec
 
 SUPPORTED_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")  # mma bf16, cp.async, movmatrix
@@ -113,12 +113,17 @@ def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_
     t0 = time.time()
     for i, spec in enumerate(specs):
         knobs = knobs_for(records, spec, arch)
-        _log(f"[{i + 1}/{len(specs)}] TensorIR -> schedule: {spec.name} {knobs}")
-        funcs[spec.name] = make_gpu_kernel(spec, knobs)
-        kernels.append({"name": spec.name, "op": "decode_attention", "dtype": spec.dtype,
-                        "head_dim": spec.head_dim, "max_group": spec.max_group,
-                        "knobs": dataclasses.asdict(knobs), "block_size": knobs.block_size,
-                        "dynamic_smem_bytes": knobs.ring_bytes(spec)})
+        variants = [(spec.name, knobs)]
+        if batch_tile_cost(records, spec):
+            batch_knobs = dataclasses.replace(knobs, tile_cost=batch_tile_cost(records, spec))
+            variants.append((f"{spec.name}_batch", batch_knobs))
+        for name, kn in variants:
+            _log(f"[{i + 1}/{len(specs)}] TensorIR -> schedule: {name} {kn}")
+            funcs[name] = make_gpu_kernel(spec, kn, name=name)
+            kernels.append({"name": name, "op": "decode_attention", "dtype": spec.dtype,
+                            "head_dim": spec.head_dim, "max_group": spec.max_group,
+                            "knobs": dataclasses.asdict(kn), "block_size": kn.block_size,
+                            "dynamic_smem_bytes": kn.ring_bytes(spec)})
     for gspec in GEMV_SPECS:
         funcs[gspec.name] = make_gpu_gemv(gspec)
         kernels.append({"name": gspec.name, "op": "gemv", **gspec.describe()})

@@ -102,6 +102,7 @@ class KernelInfo:
     max_group: int
     block_size: int
     ctas_per_sm: int
+    tile_cost: int = 0  # > 0: the batch variant (stream-K shares equal in cost, plan.stream_k_edges)
 
 
 class Library:
@@ -118,15 +119,21 @@ class Library:
         self.module = tvm_ffi.load_module(str(self.path))
         self.kernels = [
             KernelInfo(k["name"], k["dtype"], k["head_dim"], k["max_group"], k["block_size"],
-                       k.get("knobs", {}).get("ctas_per_sm", 1))
+                       k.get("knobs", {}).get("ctas_per_sm", 1), k.get("knobs", {}).get("tile_cost", 0))
             for k in self.manifest["kernels"] if k["op"] == "decode_attention"
         ]
         self.gemv = {k["dtype"]: k["name"] for k in self.manifest["kernels"] if k["op"] == "gemv"}
         self._functions = {}
 
-    def attention_kernel(self, dtype: str, head_dim: int, group: int) -> KernelInfo | None:
+    def attention_kernel(self, dtype: str, head_dim: int, group: int, batch: int = 1) -> KernelInfo | None:
+        """The smallest group that serves ``group``; for ``batch`` > 1 its batch variant (a tile
+        cost in the stream-K plan) when the library has one, for one sequence the plain kernel."""
         fits = [k for k in self.kernels if k.dtype == dtype and k.head_dim == head_dim and k.max_group >= group]
-        return min(fits, key=lambda k: k.max_group) if fits else None
+        if not fits:
+            return None
+        smallest = min(k.max_group for k in fits)
+        fits = [k for k in fits if k.max_group == smallest]
+        return min(fits, key=lambda k: (k.tile_cost > 0) != (batch > 1))
 
     def function(self, name: str):
         if name not in self._functions:
@@ -317,7 +324,7 @@ def _prepare_attention(q, hkv: int, num_splits: int, num_ctas: int | None, kerne
                        max_len: int | None):
     lib = library_for(q.device)
     batch, hq, head_dim = q.shape
-    info = kernel or lib.attention_kernel(str(q.dtype).removeprefix("torch."), head_dim, hq // hkv)
+    info = kernel or lib.attention_kernel(str(q.dtype).removeprefix("torch."), head_dim, hq // hkv, batch)
     if info is None:
         raise ValueError(f"no kernel in {lib.path} for {q.dtype}, head dim {head_dim}, {hq // hkv} query heads "
                          f"per KV head (it has: {lib.supported()})")

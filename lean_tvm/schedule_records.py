@@ -2,7 +2,10 @@
 
 A record names the kernel it is for (head_dim, max_group, optionally dtype) and its knobs. A
 kernel without a record gets the defaults, with the pipeline shortened until it fits the arch's
-shared memory.
+shared memory. A record's optional ``batch_tile_cost`` (> 0) adds a second kernel for batches
+of more than one sequence whose stream-K plan charges each tile that cost
+(``plan.stream_k_edges``): one sequence never needs it, and its kernel stays free of the cost
+arithmetic.
 """
 
 from __future__ import annotations
@@ -66,6 +69,14 @@ def knobs_for(records: list[dict], spec: AttentionSpec, arch: str) -> GpuKnobs:
         if fits(knobs, spec, arch):
             return knobs
     raise ValueError(f"no schedule of {spec.name} fits the shared memory of {arch}")
+
+
+def batch_tile_cost(records: list[dict], spec: AttentionSpec) -> int:
+    """The tile cost of ``spec``'s batch variant, 0 for none."""
+    cost = next((r.get("batch_tile_cost", 0) for r in records if _matches(r, spec)), 0)
+    if not isinstance(cost, int) or cost < 0:
+        raise ValueError(f"schedule record for {spec.name}: batch_tile_cost must be an int >= 0, got {cost!r}")
+    return cost
 
 
 def record(spec: AttentionSpec, knobs: GpuKnobs, any_dtype: bool = False, **measured) -> dict:

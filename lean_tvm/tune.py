@@ -33,7 +33,6 @@ CANDIDATES = (
     GpuKnobs(rows_per_warp=16, num_warps=8, stages=2),
     GpuKnobs(rows_per_warp=16, num_warps=4, stages=2, ctas_per_sm=2),
     GpuKnobs(rows_per_warp=16, num_warps=4, stages=8),
-    GpuKnobs(rows_per_warp=16, num_warps=8, stages=2, tile_cost=6),  # ragged: fewer blocks where tiles are short
 )
 # (name, batch, Hq, Hkv, lengths): the shape classes a schedule must serve.
 SHAPES = (

@@ -37,6 +37,12 @@ def test_library_and_manifest_are_written(built):
     assert {"lean_attention_float16_d128_g8", "lean_attention_bfloat16_d64_g16", "stream_k_gemv_float16",
             "stream_read"} <= names
     assert len(manifest["source_sha256"]) == 64
+    knobs = {k["name"]: k.get("knobs", {}) for k in manifest["kernels"]}
+    assert knobs["lean_attention_float16_d128_g8"]["tile_cost"] == 0
+    if arch == "sm_90a":  # its record asks for a batch variant of D128 G8, the other arch has none
+        assert knobs["lean_attention_float16_d128_g8_batch"]["tile_cost"] > 0
+    assert ("lean_attention_float16_d128_g8_batch" in names) == (arch == "sm_90a")
+    assert "lean_attention_bfloat16_d64_g16_batch" not in names
 
 
 @needs_nvcc
@@ -142,3 +148,19 @@ def test_cli_help_and_bad_arguments(capsys):
     with pytest.raises(SystemExit) as e:
         build.main(["--arch", "cpu", "--with-tvm-peer"])
     assert e.value.code == 2
+
+
+def test_runtime_picks_the_batch_variant_only_for_batches():
+    """One sequence: the plain kernel (no cost arithmetic); a batch: the variant with a tile cost;
+    a library without a variant serves both with its one kernel."""
+    from lean_tvm import runtime
+
+    def kernel(name, group, tile_cost=0):
+        return runtime.KernelInfo(name, "float16", 128, group, 128, 1, tile_cost)
+
+    lib = runtime.Library.__new__(runtime.Library)
+    lib.kernels = [kernel("g8", 8), kernel("g8_batch", 8, 6), kernel("g16", 16)]
+    assert lib.attention_kernel("float16", 128, 4, batch=1).name == "g8"
+    assert lib.attention_kernel("float16", 128, 8, batch=32).name == "g8_batch"
+    assert lib.attention_kernel("float16", 128, 16, batch=32).name == "g16"
+    assert lib.attention_kernel("bfloat16", 128, 8) is None
