@@ -324,7 +324,7 @@ class FakeTimer:
 class FakeLib:
     manifest = {"arch": "sm_90a"}
 
-    def attention_kernel(self, dtype, head_dim, group):
+    def attention_kernel(self, dtype, head_dim, group, batch=1):
         return rt.KernelInfo("fake", dtype, head_dim, 8, 64, 1) if group <= 8 else None
 
     def function(self, name):
