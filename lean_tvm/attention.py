@@ -363,28 +363,24 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                         d = T.meta_var(kk * 16 + g + 8 * T.truncdiv(i, 2))
                         bufs.ACCW[(warp * bufs.G + head) * D + d] = bufs.acc[(nn * KS + kk) * 4 + i]
         T.tvm_storage_sync("shared")
-        if tx < bufs.G:
-            bufs.red[0] = ninf
-            for w in T.unroll(NWARP):
-                bufs.red[0] = T.max(bufs.red[0], bufs.MW[w * bufs.G + tx])
-            bufs.red[1] = T.float32(0)
-            for w in T.unroll(NWARP):
-                bufs.FW[w * bufs.G + tx] = T.exp2(bufs.MW[w * bufs.G + tx] - bufs.red[0])
-                bufs.red[1] = bufs.red[1] + bufs.LW[w * bufs.G + tx] * bufs.FW[w * bufs.G + tx]
-            bufs.MS[tx] = bufs.red[0]
-            bufs.LS[tx] = bufs.red[1]
-        T.tvm_storage_sync("shared")
+        # One barrier: every thread rescales the warps of its quad's head itself (NWARP exp2s),
+        # rather than G threads doing it for all between two barriers.
         for e in T.unroll(E):
             x = T.meta_var((e * NT + tx) * 4)  # first element (head x // D, d x % D) of the quad
+            hw = T.meta_var(T.truncdiv(x, D))
             if x < bufs.G * D:
+                bufs.red[0] = ninf
+                for w in T.unroll(NWARP):
+                    bufs.red[0] = T.max(bufs.red[0], bufs.MW[w * bufs.G + hw])
+                bufs.el[e] = T.float32(0)
                 for j in T.unroll(4):
                     bufs.eo[e * 4 + j] = T.float32(0)
                 for w in T.unroll(NWARP):
+                    bufs.red[1] = T.exp2(bufs.MW[w * bufs.G + hw] - bufs.red[0])
+                    bufs.el[e] = bufs.el[e] + bufs.LW[w * bufs.G + hw] * bufs.red[1]
                     for j in T.unroll(4):
-                        bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] + bufs.ACCW[w * bufs.G * D + x + j] * bufs.FW[
-                            w * bufs.G + T.truncdiv(x, D)]
-                bufs.em[e] = bufs.MS[T.truncdiv(x, D)]
-                bufs.el[e] = bufs.LS[T.truncdiv(x, D)]
+                        bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] + bufs.ACCW[w * bufs.G * D + x + j] * bufs.red[1]
+                bufs.em[e] = bufs.red[0]
 
     @T.macro
     def publish(bufs, slot):
@@ -552,9 +548,6 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse=LSE_NATURAL):
                              scope="shared.dyn")
         mw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
         lw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
-        fw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
-        ms = T.alloc_buffer((GM,), "float32", scope="shared")
-        ls = T.alloc_buffer((GM,), "float32", scope="shared")
         cum = T.alloc_buffer((cfg.max_batch + 1,), "int32", scope="shared")
         lens = T.alloc_buffer((cfg.max_batch,), "int32", scope="shared")
         wsum = T.alloc_buffer((NWARP,), "int32", scope="shared")
@@ -590,7 +583,7 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse=LSE_NATURAL):
             grid=grid, TRACE=TRACE))
         bufs = T.meta_var(SimpleNamespace(
             **vars(src), O=O, LSE=LSE, WSO=WSO, WSML=WSML, G=T.truncdiv(src.HQ, src.HKV), soff=soff, goff=goff,
-            gaddr=gaddr, left=left, RING=ring, ACCW=accw, MW=mw, LW=lw, FW=fw, MS=ms, LS=ls, qw=qw, acc=acc, mrow=mrow,
+            gaddr=gaddr, left=left, RING=ring, ACCW=accw, MW=mw, LW=lw, qw=qw, acc=acc, mrow=mrow,
             lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, red=red, eo=eo, em=em, el=el, w4=w4, mc=mc, lc=lc,
             ok=ok, tx=tx, lane=lane, warp=warp, scale_log2=softmax_scale * T.float32(LOG2E), lse_unit=lse[0],
             lse_empty=lse[1]))

@@ -80,7 +80,7 @@ class GpuKnobs:
         return ring + self.num_warps * spec.max_group * spec.head_dim * 4
 
     def static_smem_bytes(self, spec: AttentionSpec) -> int:
-        per_head = 3 * self.num_warps * spec.max_group + 2 * spec.max_group
+        per_head = 2 * self.num_warps * spec.max_group  # the warps' m and l
         return (per_head + 2 * self.max_batch + 1 + self.num_warps + 32 * self.num_warps) * 4
 
     def smem_bytes(self, spec: AttentionSpec) -> int:
