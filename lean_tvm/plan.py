@@ -321,12 +321,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, default=64, help="KV rows per block (default 64)")
     ap.add_argument("--ctas", type=int, default=132, help="persistent CTAs (default 132, H100 SMs)")
     ap.add_argument("--splits", type=int, default=8, help="chunks per tile of the fixed-split plan")
+    ap.add_argument("--tile-cost", type=int, default=0, help="stream-K: a tile's fixed work in 1/4 blocks "
+                    "(the batch kernels' schedule; default 0: equal block shares)")
     ap.add_argument("--png", help="write the picture here")
     args = ap.parse_args(argv)
     hq, hkv = args.heads
     group = hq // hkv
     plans = [
-        stream_k_plan(args.seq_lens, hkv, args.block_size, args.ctas),
+        stream_k_plan(args.seq_lens, hkv, args.block_size, args.ctas, args.tile_cost),
         fixed_split_plan(args.seq_lens, hkv, args.block_size, args.splits),
         no_split_plan(args.seq_lens, hkv, args.block_size),
     ]

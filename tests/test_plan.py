@@ -153,3 +153,13 @@ def test_cli_prints_summary_and_draws_the_plan(tmp_path, capsys):
 def test_cli_rejects_bad_heads():
     with pytest.raises(SystemExit):
         P.main(["--seq-lens", "10", "--heads", "30/8"])
+
+
+def test_cli_tile_cost_moves_blocks_off_the_short_tiles(capsys):
+    lens = ",".join(["65536"] * 2 + ["512"] * 30)
+    P.main(["--seq-lens", lens, "--heads", "64/8", "--block-size", "128", "--ctas", "128"])
+    plain = capsys.readouterr().out.splitlines()[1]
+    P.main(["--seq-lens", lens, "--heads", "64/8", "--block-size", "128", "--ctas", "128", "--tile-cost", "6"])
+    costed = capsys.readouterr().out.splitlines()[1]
+    assert plain == "  blocks per worker: min 71 max 72 (busy workers 128, idle 0)"
+    assert costed.startswith("  blocks per worker: min ") and costed != plain
