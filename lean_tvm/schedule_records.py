@@ -79,6 +79,18 @@ def batch_tile_cost(records: list[dict], spec: AttentionSpec) -> int:
     return cost
 
 
+def keep_batch_tile_costs(new: list[dict], old: list[dict]) -> list[dict]:
+    """``new`` with each ``batch_tile_cost`` of ``old`` carried over: the tuner re-selects the
+    knobs but does not measure the batch variant (its cost comes from an A/B, NOTES.md)."""
+    out = []
+    for r in new:
+        cost = next((o["batch_tile_cost"] for o in old if "batch_tile_cost" in o
+                     and (o.get("head_dim"), o.get("max_group"), o.get("dtype")) ==
+                     (r.get("head_dim"), r.get("max_group"), r.get("dtype"))), None)
+        out.append(r if cost is None else {**r, "batch_tile_cost": cost})
+    return out
+
+
 def record(spec: AttentionSpec, knobs: GpuKnobs, any_dtype: bool = False, **measured) -> dict:
     """A record for ``spec``; with ``any_dtype`` it serves every dtype of that head dim and group."""
     head = {} if any_dtype else {"dtype": spec.dtype}

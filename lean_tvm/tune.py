@@ -167,15 +167,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.cmd == "measure":
         measure(args.lib, args.out, args.reps)
     else:
-        from .schedule_records import records_dir
+        from .schedule_records import keep_batch_tile_costs, load_records, records_dir
 
         with open(args.results) as f:
             results = json.load(f)
         with open(os.path.join(args.lib, "manifest.json")) as f:
             manifest = json.load(f)
         out = args.out or str(records_dir() / f"{manifest['arch']}.json")
+        records = keep_batch_tile_costs(select(results, manifest), load_records(manifest["arch"], out))
         data = {"arch": manifest["arch"], "note": "written by python -m lean_tvm.tune select",
-                "records": select(results, manifest)}
+                "records": records}
         with open(out, "w") as f:
             json.dump(data, f, indent=1)
         print(f"wrote {out}", file=sys.stderr)

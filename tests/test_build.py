@@ -164,3 +164,20 @@ def test_runtime_picks_the_batch_variant_only_for_batches():
     assert lib.attention_kernel("float16", 128, 8, batch=32).name == "g8_batch"
     assert lib.attention_kernel("float16", 128, 16, batch=32).name == "g16"
     assert lib.attention_kernel("bfloat16", 128, 8) is None
+
+
+def test_schedule_records_batch_tile_cost():
+    """A record's batch_tile_cost is read, checked, and kept when the tuner rewrites the knobs."""
+    from lean_tvm import schedule_records as SR
+
+    spec = AttentionSpec("float16", 128, 8)
+    old = [{"head_dim": 128, "max_group": 8, "knobs": {}, "batch_tile_cost": 6},
+           {"head_dim": 64, "max_group": 8, "knobs": {}}]
+    assert SR.batch_tile_cost(old, spec) == 6
+    assert SR.batch_tile_cost(old, AttentionSpec("float16", 64, 8)) == 0
+    with pytest.raises(ValueError, match="batch_tile_cost"):
+        SR.batch_tile_cost([{"head_dim": 128, "max_group": 8, "batch_tile_cost": -1}], spec)
+    new = [{"head_dim": 128, "max_group": 8, "knobs": {"stages": 3}}, {"head_dim": 64, "max_group": 8, "knobs": {}}]
+    kept = SR.keep_batch_tile_costs(new, old)
+    assert kept[0] == {"head_dim": 128, "max_group": 8, "knobs": {"stages": 3}, "batch_tile_cost": 6}
+    assert "batch_tile_cost" not in kept[1]
