@@ -930,16 +930,20 @@ class Bench:
 # --------------------------------------------------------------------------------------------
 
 
-def portable_argv() -> list[str]:
-    """sys.argv with the script named relative to the repository and the output folder dropped
-    (result files carry no machine's paths)."""
+def portable_argv(path_options: Sequence[str] = ("--out",)) -> list[str]:
+    """sys.argv with the script named relative to the repository and the options that name this
+    machine's folders dropped (result files carry no machine's paths)."""
     script = Path(sys.argv[0]).resolve()
     name = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else script.name
-    args = sys.argv[1:]
-    if "--out" in args and args.index("--out") + 1 < len(args):
-        i = args.index("--out")
-        args = args[:i] + args[i + 2:]
-    return [name, *args]
+    args, out = sys.argv[1:], []
+    i = 0
+    while i < len(args):
+        if args[i] in path_options:
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
+    return [name, *out]
 
 
 def git_commit() -> str:

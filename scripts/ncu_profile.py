@@ -95,7 +95,8 @@ def child(args) -> None:
     meta = {"gpu": torch.cuda.get_device_name(dev), "clocks": timing.gpu_clocks(dev), "commit": bench.git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "lean_source_sha256": lib.manifest.get("source_sha256"), "torch": torch.__version__,
-            "flashinfer": (fi.version or fi.error) if fi else "not run", "argv": bench.portable_argv()}
+            "flashinfer": (fi.version or fi.error) if fi else "not run",
+            "argv": bench.portable_argv(("--out", "--order"))}
     (Path(args.out) / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
