@@ -133,7 +133,8 @@ def make_cpu_kernel(spec: AttentionSpec, block_size: int = 64, dps: bool = False
     kernel built from the same schedule record uses."""
     GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
     op = _cpu_operator(spec, block_size)
-    walk = streamk.cpu_walk(StreamKConfig(block_size=block_size, tile_cost=tile_cost))
+    cfg = StreamKConfig(block_size=block_size, tile_cost=tile_cost)
+    walk = streamk.cpu_walk(cfg)
     one, two, d64, g64 = (tvm.tirx.const(x, "int64") for x in (1, 2, D, GM))
 
     @T.macro
@@ -157,7 +158,7 @@ def make_cpu_kernel(spec: AttentionSpec, block_size: int = 64, dps: bool = False
         acc = T.alloc_buffer((GM * D,), "float32")
         s = T.alloc_buffer((block_size,), "float32")
         tmp = T.alloc_buffer((3,), "float32")
-        qr = T.alloc_buffer((3 if tile_cost > 0 else 2,), "int32")  # QR[2]: the tile cost in effect
+        qr = T.alloc_buffer((streamk.qr_len(cfg),), "int32")
         nh = T.meta_var(T.Cast("int32", HKV))
         ctx = T.meta_var(SimpleNamespace(SL=SL, B=T.Cast("int32", B), H=nh, LMAX=T.Cast("int32", LMAX),
                                          CUM=cum, NW=num_workers, SPLITS=num_splits, srch=srch, QR=qr,
@@ -554,7 +555,7 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse=LSE_NATURAL):
         valid = T.alloc_buffer((NT,), "int32", scope="shared")
         srch = T.alloc_buffer((2,), "int32", scope="local")
         seen = T.alloc_buffer((1,), "int32", scope="local")
-        qr = T.alloc_buffer((3 if cfg.tile_cost > 0 else 2,), "int32", scope="local")  # QR[2]: the tile cost in effect
+        qr = T.alloc_buffer((streamk.qr_len(cfg),), "int32", scope="local")
         left = T.alloc_buffer((1,), "int32", scope="local")
         qw = T.alloc_buffer((NN * KS * 2,), "uint32", scope="local")
         soff = T.alloc_buffer((op.sizes["CPL"],), "int32", scope="local")

@@ -114,9 +114,9 @@ def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_
     for i, spec in enumerate(specs):
         knobs = knobs_for(records, spec, arch)
         variants = [(spec.name, knobs)]
-        if batch_tile_cost(records, spec):
-            batch_knobs = dataclasses.replace(knobs, tile_cost=batch_tile_cost(records, spec))
-            variants.append((f"{spec.name}_batch", batch_knobs))
+        cost = batch_tile_cost(records, spec)
+        if cost:
+            variants.append((f"{spec.name}_batch", dataclasses.replace(knobs, tile_cost=cost)))
         for name, kn in variants:
             _log(f"[{i + 1}/{len(specs)}] TensorIR -> schedule: {name} {kn}")
             funcs[name] = make_gpu_kernel(spec, kn, name=name)

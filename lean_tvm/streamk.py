@@ -63,19 +63,21 @@ def plan_macros(cfg: StreamKConfig):
         return ctx.CUM[b] * BLOCK_COST + b * (ctx.QR[2] * ctx.H)
 
     @T.macro
+    def divide_among_workers(ctx, total):
+        ctx.QR[0] = T.truncdiv(total, ctx.NW)
+        ctx.QR[1] = T.truncmod(total, ctx.NW)
+
+    @T.macro
     def split_total(ctx):
         """QR = divmod(total, NW) (total cost, with a tile cost in effect): then
         v * total // NW = v * q + v * r // NW in 32 bits."""
         if tc > 0:
             if ctx.QR[2] > 0:
-                ctx.QR[0] = T.truncdiv(cost_start(ctx, ctx.B), ctx.NW)
-                ctx.QR[1] = T.truncmod(cost_start(ctx, ctx.B), ctx.NW)
+                divide_among_workers(ctx, cost_start(ctx, ctx.B))
             else:
-                ctx.QR[0] = T.truncdiv(ctx.CUM[ctx.B], ctx.NW)
-                ctx.QR[1] = T.truncmod(ctx.CUM[ctx.B], ctx.NW)
+                divide_among_workers(ctx, ctx.CUM[ctx.B])
         else:
-            ctx.QR[0] = T.truncdiv(ctx.CUM[ctx.B], ctx.NW)
-            ctx.QR[1] = T.truncmod(ctx.CUM[ctx.B], ctx.NW)
+            divide_among_workers(ctx, ctx.CUM[ctx.B])
 
     @T.macro
     def to_block(ctx, out, k):
@@ -168,6 +170,11 @@ def plan_macros(cfg: StreamKConfig):
         advance=advance,
         split_total=split_total,
     )
+
+
+def qr_len(cfg: StreamKConfig) -> int:
+    """Length of the plan's local QR buffer the caller allocates (see :func:`plan_macros`)."""
+    return 3 if cfg.tile_cost > 0 else 2
 
 
 def piece_ends_at(rng, cur):
