@@ -845,9 +845,7 @@ class Bench:
         for system in self.systems:
             progress(system)
             try:
-                if system in PAGED_PEERS and paged is None:
-                    self._require(system)
-                    paged = paged_cache(case)
+                paged = self.paged_for(system, case, paged)
                 results[system] = self._run_system(system, case, paged)
             except Unsupported as e:
                 results[system] = {"note": str(e)}
@@ -868,26 +866,36 @@ class Bench:
         del case, paged, results
         return derive(rows)
 
-    def _require(self, system: str) -> None:
-        """A paged peer that cannot run says so before the cache is copied for it."""
+    def paged_for(self, system: str, case: Case, paged: PagedCache | None) -> PagedCache | None:
+        """The shape's paged copy of the cache, made when the first paged peer needs it; a paged
+        peer that cannot run says so before the cache is copied for it."""
+        if system not in PAGED_PEERS or paged is not None:
+            return paged
         error = (self.tvm_peer if system == TVM_TIR else self.fi).error
         if error:
             raise Unsupported(error)
+        return paged_cache(case)
+
+    def runner(self, system: str, case: Case, paged: PagedCache | None) -> Runner:
+        """One call of ``system`` on ``case`` (``paged``: from :meth:`paged_for`)."""
+        if system == "lean-fixedsplit":
+            raise Unsupported("lean-fixedsplit is a sweep over split counts, not one call")
+        if system in LEAN_SYSTEMS:
+            return lean_runner(case, 0 if system == "lean" else 1)
+        if system in SDPA_BACKENDS:
+            return sdpa_runner(case, system)
+        if system == TVM_TIR:
+            return tvm_runner(case, self.tvm_peer, paged)
+        t0 = time.perf_counter()
+        runner = flashinfer_runner(case, self.fi, paged, tensor_cores=system == "flashinfer-tc")
+        if time.perf_counter() - t0 > 2.0:  # it JIT-compiled while the GPU idled
+            self.timer.warm_clocks(100.0)
+        return runner
 
     def _run_system(self, system: str, case: Case, paged: PagedCache | None) -> dict:
         if system == "lean-fixedsplit":
             return self._best_fixed_split(case)
-        if system in LEAN_SYSTEMS:
-            runner = lean_runner(case, 0 if system == "lean" else 1)
-        elif system in SDPA_BACKENDS:
-            runner = sdpa_runner(case, system)
-        elif system == TVM_TIR:
-            runner = tvm_runner(case, self.tvm_peer, paged)
-        else:
-            t0 = time.perf_counter()
-            runner = flashinfer_runner(case, self.fi, paged, tensor_cores=system == "flashinfer-tc")
-            if time.perf_counter() - t0 > 2.0:  # it JIT-compiled while the GPU idled
-                self.timer.warm_clocks(100.0)
+        runner = self.runner(system, case, paged)
         err, ok = check(runner, case)
         res = {"rel_err": err, "ok": ok, **{k: v for k, v in runner.extra.items() if k in FIELDS}}
         res.update(time_runner(self.timer, runner, self.reps))

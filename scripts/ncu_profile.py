@@ -52,28 +52,17 @@ def child(args) -> None:
     dev = torch.device("cuda")
     grid = bench.select_shapes(bench.full_grid(), args.shapes)
     systems = bench.parse_systems(args.only)
-    fi = bench.FlashInfer(dev) if any(s.startswith("flashinfer") for s in systems) else None
-    sink = torch.empty(1 << 20, device=dev, dtype=torch.float32)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    b = bench.Bench(dev, systems, reps=1, seed=args.seed)
     cudart = torch.cuda.cudart()
     order = []
     for shape in grid:
         case = bench.make_case(shape, dev, args.seed)
-        runners = {bench.STREAM: bench.stream_runner(case, sink, sms * 4)}
+        runners = {bench.STREAM: bench.stream_runner(case, b.sink, b.sms * 4)}
         paged = None
         for system in systems:
             try:
-                if system in bench.LEAN_SYSTEMS:
-                    runners[system] = bench.lean_runner(case, 0 if system == "lean" else 1)
-                elif system in bench.SDPA_BACKENDS:
-                    runners[system] = bench.sdpa_runner(case, system)
-                elif system.startswith("flashinfer"):
-                    if fi.error:
-                        raise bench.Unsupported(fi.error)
-                    paged = paged or bench.paged_cache(case)
-                    runners[system] = bench.flashinfer_runner(case, fi, paged, system == "flashinfer-tc")
-                else:
-                    raise bench.Unsupported(f"{system}: not profiled by this script")
+                paged = b.paged_for(system, case, paged)
+                runners[system] = b.runner(system, case, paged)
             except bench.Unsupported as e:
                 print(f"[ncu_profile] {shape.name} {system}: skipped ({e})", flush=True)
         for system, runner in runners.items():
@@ -95,7 +84,7 @@ def child(args) -> None:
     meta = {"gpu": torch.cuda.get_device_name(dev), "clocks": timing.gpu_clocks(dev), "commit": bench.git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "lean_source_sha256": lib.manifest.get("source_sha256"), "torch": torch.__version__,
-            "flashinfer": (fi.version or fi.error) if fi else "not run",
+            "flashinfer": (b.fi.version or b.fi.error) if b.fi else "not run",
             "argv": bench.portable_argv(("--out", "--order"))}
     (Path(args.out) / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 

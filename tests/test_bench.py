@@ -422,3 +422,16 @@ def test_main_loop_with_fakes(monkeypatch, tmp_path, capsys):
 def test_result_meta_argv_carries_no_machine_path(monkeypatch):
     monkeypatch.setattr(sys, "argv", [str(bench.REPO / "lean_tvm" / "bench.py"), "--out", "/abs/out", "--quick"])
     assert bench.portable_argv() == ["lean_tvm/bench.py", "--quick"]
+
+
+def test_runner_and_paged_copy_say_why_a_system_cannot_run(monkeypatch):
+    """The per-system dispatch scripts/ncu_profile.py shares: a fixed split is a sweep, not one
+    call; a paged peer that cannot load refuses before the cache is copied; others need no copy."""
+    monkeypatch.setattr(bench, "Timer", FakeTimer)
+    b = bench.Bench(torch.device("cpu"), ("lean", "flashinfer"), reps=3, seed=0)
+    case = bench.make_case(bench.uniform(1, 64, 8, 2, 64), torch.device("cpu"), 0)
+    with pytest.raises(bench.Unsupported, match="sweep"):
+        b.runner("lean-fixedsplit", case, None)
+    assert b.paged_for("lean", case, None) is None and b.paged_for("cudnn", case, None) is None
+    with pytest.raises(bench.Unsupported, match="flashinfer"):
+        b.paged_for("flashinfer", case, None)  # not importable on this machine
