@@ -325,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "(the batch kernels' schedule; default 0: equal block shares)")
     ap.add_argument("--png", help="write the picture here")
     args = ap.parse_args(argv)
+    if args.tile_cost < 0:
+        ap.error(f"--tile-cost: expected >= 0, got {args.tile_cost}")
     hq, hkv = args.heads
     group = hq // hkv
     plans = [

@@ -62,7 +62,8 @@ def evaluate(rows: list[dict]) -> list[tuple[str, str, str]]:
         x = _us(by, "lean") / _us(by, STREAM)
         out.append(("B1 32/8 L4k within 1.15x of the stream read", f"{x:.2f}x ({_us(by, 'lean'):.1f} vs "
                     f"{_us(by, STREAM):.1f} us)", "met" if x <= 1.15 else "missed"))
-    vs = {n: _best_peer(by)[1] / _us(by, "lean") for n, by in shapes.items() if math.isfinite(_best_peer(by)[1])}
+    peer_us = {n: _best_peer(by)[1] for n, by in shapes.items()}
+    vs = {n: peer_us[n] / _us(by, "lean") for n, by in shapes.items() if math.isfinite(peer_us[n])}
     worst = min(vs, key=vs.get) if vs else ""
     geo = math.exp(sum(math.log(v) for v in vs.values()) / len(vs)) if vs else math.nan
     out.append(("at least the best peer on every shape",

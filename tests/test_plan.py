@@ -163,3 +163,5 @@ def test_cli_tile_cost_moves_blocks_off_the_short_tiles(capsys):
     costed = capsys.readouterr().out.splitlines()[1]
     assert plain == "  blocks per worker: min 71 max 72 (busy workers 128, idle 0)"
     assert costed.startswith("  blocks per worker: min ") and costed != plain
+    with pytest.raises(SystemExit):
+        P.main(["--seq-lens", lens, "--tile-cost", "-1"])
