@@ -1,14 +1,14 @@
 """Build the operator library for a GPU arch (or the CPU) on a machine that needs no GPU.
 
-TensorIR (``attention.py``) -> stream-K schedule -> CUDA C++ with tvm-ffi launchers
+The stream-K kernels (``attention_gpu.py``, ``gemv.py``) -> CUDA C++ with tvm-ffi launchers
 (``cuda_host``) -> nvcc -> ``lean_tvm_<arch>.so`` + ``manifest.json``. The library needs only
 ``libtvm_ffi`` at run time (no TVM): the GPU machines and serving boxes carry torch and tvm-ffi.
 ``--arch cpu`` builds the ``llvm`` form the same way (no nvcc needed).
 
-    python -m lean_tvm.build --arch sm_90a --out build/sm_90a [--with-tvm-peer]
+    python -m lean_tvm.build --arch sm_90a --out build/sm_90a
 
-``--with-tvm-peer`` adds TVM's own decode kernel, the benchmark's peer, as a library of its own
-(``tvm_peer.py``): the operator library stays as it is.
+Build on first use: :func:`ensure_library` builds the library for a device into the cache the
+run half searches (``library.py``), once; the run half itself never builds.
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from . import tvm_peer
+from .library import ATTENTION_OP, GEMV_OP, MANIFEST, cache_root, find_library_dir, library_name
 from .schedule_records import batch_tile_cost, knobs_for, load_records
 from .spec import DTYPES, HEAD_DIMS, MAX_GROUPS, AttentionSpec
 
 SUPPORTED_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")  # mma bf16, cp.async, movmatrix
-LIBRARY = "lean_tvm_{arch}.so"
-MANIFEST = "manifest.json"
 
 
 class BuildError(RuntimeError):
@@ -101,7 +100,7 @@ def default_specs():
 def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_path: str | None = None,
                keep_source: bool = True) -> dict:
     """Generate, compile and describe one library for ``arch``; returns the manifest."""
-    from .attention import make_gpu_kernel
+    from .attention_gpu import make_gpu_kernel
     from .gemv import GEMV_SPECS, make_gpu_gemv
 
     if arch not in SUPPORTED_ARCHS:
@@ -120,33 +119,31 @@ def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_
         for name, kn in variants:
             _log(f"[{i + 1}/{len(specs)}] TensorIR -> schedule: {name} {kn}")
             funcs[name] = make_gpu_kernel(spec, kn, name=name)
-            kernels.append({"name": name, "op": "decode_attention", "dtype": spec.dtype,
+            kernels.append({"name": name, "op": ATTENTION_OP, "dtype": spec.dtype,
                             "head_dim": spec.head_dim, "max_group": spec.max_group,
                             "knobs": dataclasses.asdict(kn), "block_size": kn.block_size,
                             "dynamic_smem_bytes": kn.ring_bytes(spec)})
     for gspec in GEMV_SPECS:
         funcs[gspec.name] = make_gpu_gemv(gspec)
-        kernels.append({"name": gspec.name, "op": "gemv", **gspec.describe()})
+        kernels.append({"name": gspec.name, "op": GEMV_OP, **gspec.describe()})
     manifest = compile_library(arch, out_dir, funcs, kernels, keep_source)
     _log(f"done in {time.time() - t0:.0f} s")
     return manifest
 
 
-def compile_library(arch: str, out_dir: str, funcs: dict, kernels: list[dict], keep_source: bool = True) -> dict:
-    """Kernels (plus the stream-read yardstick) -> one CUDA translation unit -> nvcc -> the
-    library and its manifest."""
+def compile_library(arch: str, out_dir: str, funcs: dict, kernels: list[dict], keep_source: bool = True,
+                    library: str | None = None, manifest_name: str | None = MANIFEST) -> dict:
+    """Kernels -> one CUDA translation unit -> nvcc -> ``library`` (default ``lean_tvm_<arch>.so``)
+    in ``out_dir``; returns its manifest, also written to ``manifest_name`` unless that is None."""
     import tvm
 
-    from . import stream_read
     from .codegen import cuda_source_of_module
 
     nvcc = find_nvcc()
     os.makedirs(out_dir, exist_ok=True)
-    funcs = {**funcs, stream_read.NAME: stream_read.make_stream_read()}
-    kernels = [*kernels, {"name": stream_read.NAME, "op": "stream_read"}]
     _log(f"TIR -> CUDA C++ ({len(funcs)} kernels, {arch})")
     src = cuda_source_of_module(tvm.IRModule(funcs), arch)
-    lib = os.path.join(out_dir, LIBRARY.format(arch=arch))
+    lib = os.path.join(out_dir, library or library_name(arch))
     usage = nvcc_library(arch, src, lib)
     for k in kernels:
         k["resources"] = usage.get(k["name"], {})
@@ -165,9 +162,10 @@ def compile_library(arch: str, out_dir: str, funcs: dict, kernels: list[dict], k
         "source_sha256": hashlib.sha256(src.encode()).hexdigest(),
         "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    with open(os.path.join(out_dir, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1)
-    _log(f"wrote {lib} ({os.path.getsize(lib) // 1024} KiB) and {MANIFEST}")
+    if manifest_name is not None:
+        with open(os.path.join(out_dir, manifest_name), "w") as f:
+            json.dump(manifest, f, indent=1)
+    _log(f"wrote {lib} ({os.path.getsize(lib) // 1024} KiB)")
     return manifest
 
 
@@ -191,30 +189,11 @@ def _source_path(lib: str) -> str:
     return os.path.splitext(lib)[0] + ".cu"
 
 
-def add_tvm_peer(arch: str, out_dir: str, variants: list[tvm_peer.Variant] | None = None) -> dict:
-    """TVM's decode kernel for the benchmark (``tvm_peer``), built into its own library beside the
-    operator library in ``out_dir``, and recorded in that folder's manifest; returns the entry."""
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.exists(path):
-        raise BuildError(f"no {MANIFEST} in {out_dir}: build the operator library there first")
-    t0 = time.time()
-    entry = tvm_peer.build_library(arch, out_dir, variants)
-    with open(path) as f:
-        manifest = json.load(f)
-    manifest[tvm_peer.MANIFEST_KEY] = entry
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=1)
-    lib = os.path.join(out_dir, entry["library"])
-    _log(f"wrote {lib} ({os.path.getsize(lib) // 1024} KiB, {len(entry['kernels'])} kernels) in "
-         f"{time.time() - t0:.0f} s")
-    return entry
-
-
 def build_cpu(out_dir: str, specs: Sequence[AttentionSpec], block_size: int = 64) -> dict:
     """The ``llvm`` form: the package's fallback when there is no GPU, loadable by tvm-ffi."""
     import tvm
 
-    from .attention import make_cpu_kernel
+    from .attention_cpu import make_cpu_kernel
     from .gemv import GEMV_SPECS, make_cpu_gemv
 
     os.makedirs(out_dir, exist_ok=True)
@@ -227,15 +206,15 @@ def build_cpu(out_dir: str, specs: Sequence[AttentionSpec], block_size: int = 64
         seen.add((spec.dtype, spec.head_dim, spec.max_group))
         f = make_cpu_kernel(spec, block_size)
         funcs[f.attrs["global_symbol"]] = f
-        kernels.append({"name": f.attrs["global_symbol"], "op": "decode_attention", "dtype": spec.dtype,
+        kernels.append({"name": f.attrs["global_symbol"], "op": ATTENTION_OP, "dtype": spec.dtype,
                         "head_dim": spec.head_dim, "max_group": spec.max_group, "block_size": block_size})
     for gspec in GEMV_SPECS:
         f = make_cpu_gemv(gspec)
         funcs[f.attrs["global_symbol"]] = f
-        kernels.append({"name": f.attrs["global_symbol"], "op": "gemv", **gspec.describe()})
+        kernels.append({"name": f.attrs["global_symbol"], "op": GEMV_OP, **gspec.describe()})
     _log(f"TIR -> llvm ({len(funcs)} kernels)")
     ex = tvm.compile(tvm.IRModule(funcs), target="llvm")
-    lib = os.path.join(out_dir, LIBRARY.format(arch="cpu"))
+    lib = os.path.join(out_dir, library_name("cpu"))
     ex.export_library(lib)
     manifest = {"arch": "cpu", "library": os.path.basename(lib), "kernels": kernels,
                 "tvm_version": tvm.__version__, "tvm_ffi_version": _tvm_ffi_version(),
@@ -244,6 +223,22 @@ def build_cpu(out_dir: str, specs: Sequence[AttentionSpec], block_size: int = 64
         json.dump(manifest, f, indent=1)
     _log(f"wrote {lib} and {MANIFEST} in {time.time() - t0:.0f} s")
     return manifest
+
+
+def ensure_library(arch: str) -> Path:
+    """The folder of the library for ``arch`` (``"sm_90a"``..., or ``"cpu"``), built once into the
+    cache (``$LEAN_TVM_CACHE/<arch>``) when no search folder has one: the documented way to build
+    on first use, e.g. ``lean_tvm.build.ensure_library(lean_tvm.runtime.device_arch(device))``."""
+    found = find_library_dir(arch)
+    if found is not None:
+        return found
+    target = cache_root() / arch
+    _log(f"building the operator library for {arch} into {target} (once)")
+    if arch == "cpu":
+        build_cpu(str(target), default_specs())
+    else:
+        build_cuda(arch, str(target), default_specs())
+    return target
 
 
 def _tvm_ffi_version() -> str:
@@ -262,11 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-groups", default=",".join(map(str, MAX_GROUPS)),
                     help="kernels per GQA bound: 8 serves Hq/Hkv <= 8, 16 serves up to 16")
     ap.add_argument("--records", default=None, help="schedule records JSON (default schedules/<arch>.json)")
-    ap.add_argument("--with-tvm-peer", action="store_true",
-                    help="also build TVM's own decode kernel for the benchmark (its own library, tvm_decode_<arch>.so)")
     args = ap.parse_args(argv)
-    if args.with_tvm_peer and args.arch == "cpu":
-        ap.error("--with-tvm-peer: the benchmark peer is a GPU library; pick a GPU --arch")
     try:
         specs = attention_specs(args.dtypes.split(","), [int(x) for x in args.head_dims.split(",")],
                                 [int(x) for x in args.max_groups.split(",")])
@@ -278,8 +269,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_cpu(out, specs)
         else:
             build_cuda(args.arch, out, specs, args.records)
-            if args.with_tvm_peer:
-                add_tvm_peer(args.arch, out)
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

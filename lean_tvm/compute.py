@@ -1,6 +1,9 @@
-"""Decode attention as one unscheduled TensorIR definition: the semantics every schedule implements.
+"""Unscheduled TensorIR definitions: the semantics every schedule implements.
 
-One query token per sequence b; KV rows ``l < seq_lens[b]`` of the padded cache are visible, the
+``make_decode_attention``: decode attention; ``make_merge_states``: the LSE merge of partial
+attention states (``merge.py`` has its torch form and float64 reference).
+
+Decode attention: one query token per sequence b; KV rows ``l < seq_lens[b]`` of the padded cache are visible, the
 rest (whatever they hold) never reach the result. Query head h reads KV head ``h // G`` (GQA).
 A sequence of length 0 gives o = 0 and lse = -inf, the empty state of ``lean_tvm.merge``.
 """
@@ -10,7 +13,7 @@ from __future__ import annotations
 import tvm
 from tvm.script import tirx as T
 
-NEG_INF = float("-inf")
+from .softmax import NEG_INF
 
 
 def make_decode_attention(dtype: str, head_dim: int, group_size: int):
@@ -86,3 +89,54 @@ def make_decode_attention(dtype: str, head_dim: int, group_size: int):
                 LSE[vb, vh] = T.if_then_else(Den[vb, vh] > T.float32(0), M[vb, vh] + T.log(Den[vb, vh]), ninf)
 
     return decode_attention.with_attr("global_symbol", f"decode_attention_{dtype}_d{head_dim}_g{group_size}")
+
+
+def make_merge_states(dtype: str, head_dim: int):
+    """TensorIR merge of S states: (o_parts [S, B, H, D] dtype, lse_parts [S, B, H] f32,
+    o [B, H, D] dtype, lse [B, H] f32), S/B/H symbolic. Max over S, then the weighted sum (fp32)."""
+    d64 = tvm.tirx.const(head_dim, "int64")
+    ninf = T.float32(NEG_INF)
+
+    @T.prim_func(s_tir=True)
+    def merge_states_kernel(o_parts: T.handle, lse_parts: T.handle, o: T.handle, lse: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        S, B, H = T.int64(), T.int64(), T.int64()
+        OP = T.match_buffer(o_parts, (S, B, H, d64), dtype)
+        LP = T.match_buffer(lse_parts, (S, B, H), "float32")
+        O = T.match_buffer(o, (B, H, d64), dtype)
+        LSE = T.match_buffer(lse, (B, H), "float32")
+        M = T.sblock_alloc_buffer((B, H), "float32")
+        Den = T.sblock_alloc_buffer((B, H), "float32")
+        Acc = T.sblock_alloc_buffer((B, H, d64), "float32")
+        for b, h, s in T.grid(B, H, S):
+            with T.sblock("M"):
+                vb, vh, vs = T.axis.remap("SSR", [b, h, s])
+                with T.init():
+                    M[vb, vh] = ninf
+                M[vb, vh] = T.max(M[vb, vh], LP[vs, vb, vh])
+        for b, h, s in T.grid(B, H, S):
+            with T.sblock("Den"):
+                vb, vh, vs = T.axis.remap("SSR", [b, h, s])
+                with T.init():
+                    Den[vb, vh] = T.float32(0)
+                Den[vb, vh] = Den[vb, vh] + T.if_then_else(
+                    LP[vs, vb, vh] > ninf, T.exp(LP[vs, vb, vh] - M[vb, vh]), T.float32(0))
+        for b, h, d, s in T.grid(B, H, d64, S):
+            with T.sblock("Acc"):
+                vb, vh, vd, vs = T.axis.remap("SSSR", [b, h, d, s])
+                with T.init():
+                    Acc[vb, vh, vd] = T.float32(0)
+                Acc[vb, vh, vd] = Acc[vb, vh, vd] + T.if_then_else(
+                    LP[vs, vb, vh] > ninf,
+                    T.Cast("float32", OP[vs, vb, vh, vd]) * T.exp(LP[vs, vb, vh] - M[vb, vh]), T.float32(0))
+        for b, h, d in T.grid(B, H, d64):
+            with T.sblock("O"):
+                vb, vh, vd = T.axis.remap("SSS", [b, h, d])
+                O[vb, vh, vd] = T.Cast(dtype, T.if_then_else(
+                    Den[vb, vh] > T.float32(0), Acc[vb, vh, vd] / Den[vb, vh], T.float32(0)))
+        for b, h in T.grid(B, H):
+            with T.sblock("LSE"):
+                vb, vh = T.axis.remap("SS", [b, h])
+                LSE[vb, vh] = T.if_then_else(Den[vb, vh] > T.float32(0), T.log(Den[vb, vh]) + M[vb, vh], ninf)
+
+    return merge_states_kernel.with_attr("global_symbol", f"merge_states_{dtype}_d{head_dim}")

@@ -33,7 +33,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from .merge import merge_states  # noqa: E402
-from .torch_ops import LAYOUTS, decode_attention  # noqa: E402
+from .spec import LAYOUTS  # noqa: E402
+from .torch_ops import decode_attention  # noqa: E402
 
 __all__ = ["context_parallel_decode_attention", "shard_bounds", "shard_cache", "shard_capacity"]
 

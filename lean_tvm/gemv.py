@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 from tvm.script import tirx as T
 
+from . import signature as sig
 from . import streamk
 from .spec import GEMV_ROWS as ROWS
 from .spec import StreamKConfig
@@ -73,8 +74,8 @@ def _cpu_operator(dt: str, block: int):
         for r in range(bufs.N):
             bufs.Y[r] = T.Cast(dt, T.float32(0))
 
-    return SimpleNamespace(begin_tile=begin_tile, step=step, publish=publish, merge_partials=merge_partials,
-                           write_output=write_output, write_empty=write_empty)
+    return streamk.CpuOperator(begin_tile=begin_tile, step=step, publish=publish, merge_partials=merge_partials,
+                               write_output=write_output, write_empty=write_empty)
 
 
 def make_cpu_gemv(spec: GemvSpec):
@@ -82,10 +83,8 @@ def make_cpu_gemv(spec: GemvSpec):
     op = _cpu_operator(dt, block)
     walk = streamk.cpu_walk(StreamKConfig(block_size=block))
 
-    @T.prim_func(s_tir=True)
-    def gemv(w: T.handle, x: T.handle, k_len: T.handle, y: T.handle, ws: T.handle, flags: T.handle,
-             num_workers: T.int32, num_splits: T.int32, grid: T.int32):
-        T.func_attr({"tirx.noalias": True})
+    @T.macro
+    def body(w, x, k_len, y, ws, flags, num_workers, num_splits):
         N, K, WSN = T.int32(), T.int32(), T.int32()
         W = T.match_buffer(w, (N, K), dt)
         X = T.match_buffer(x, (K,), dt)
@@ -97,12 +96,13 @@ def make_cpu_gemv(spec: GemvSpec):
         srch = T.alloc_buffer((2,), "int32")
         qr = T.alloc_buffer((2,), "int32")
         acc = T.alloc_buffer((ROWS,), "float32")
-        ctx = T.meta_var(SimpleNamespace(SL=KL, B=1, H=T.truncdiv(N + ROWS - 1, ROWS), LMAX=K, CUM=cum,
-                                         NW=num_workers, SPLITS=num_splits, srch=srch, QR=qr, FLAGS=FLAGS))
+        ctx = T.meta_var(streamk.WalkContext(SL=KL, B=1, H=T.truncdiv(N + ROWS - 1, ROWS), LMAX=K, CUM=cum,
+                                             NW=num_workers, SPLITS=num_splits, srch=srch, QR=qr, FLAGS=FLAGS))
         bufs = T.meta_var(SimpleNamespace(W=W, X=X, Y=Y, WS=WS, N=N, acc=acc))
         walk(ctx, op, bufs)
 
-    return gemv.with_attr("global_symbol", spec.name + "_cpu")
+    return sig.prim_func(spec.name + "_cpu", sig.GEMV_PARAMS, body,
+                         ["w", "x", "k_len", "y", "ws", "flags", "num_workers", "num_splits"], {"tirx.noalias": True})
 
 
 def _gpu_operator(dt: str):
@@ -187,9 +187,12 @@ def _gpu_operator(dt: str):
             if k * NT + bufs.tx < bufs.N:
                 bufs.Y[k * NT + bufs.tx] = T.Cast(dt, T.float32(0))
 
-    return SimpleNamespace(setup=setup, begin_tile=begin_tile, load=load, compute=compute, combine=combine,
-                           publish=publish, merge_partials=merge_partials, write_output=write_output,
-                           write_empty=write_empty, ring_elems=WARPS * STAGES * per_stage)
+    return streamk.GpuOperator(setup=setup, begin_tile=begin_tile, load=load, compute=compute, combine=combine,
+                               publish=publish, merge_partials=merge_partials, write_output=write_output,
+                               write_empty=write_empty)
+
+
+RING_ELEMS = WARPS * STAGES * (ROWS + 1) * COLS  # per warp and stage: ROWS rows of W, then x
 
 
 def make_gpu_gemv(spec: GemvSpec):
@@ -197,12 +200,10 @@ def make_gpu_gemv(spec: GemvSpec):
     op = _gpu_operator(dt)
     cfg = StreamKConfig(block_size=COLS * WARPS, num_threads=32 * WARPS, stages=STAGES, max_batch=1)
     walk = streamk.gpu_walk(cfg)
-    ring_elems = op.ring_elems
+    ring_elems = RING_ELEMS
 
-    @T.prim_func(s_tir=True)
-    def gemv(w: T.handle, x: T.handle, k_len: T.handle, y: T.handle, ws: T.handle, flags: T.handle,
-             num_workers: T.int32, num_splits: T.int32, grid: T.int32):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+    @T.macro
+    def body(w, x, k_len, y, ws, flags, num_workers, num_splits, grid):
         N, K, WSN = T.int32(), T.int32(), T.int32()
         W = T.match_buffer(w, (N, K), dt)
         X = T.match_buffer(x, (K,), dt)
@@ -227,7 +228,7 @@ def make_gpu_gemv(spec: GemvSpec):
         xv = T.alloc_buffer((8,), dt, scope="local")
         wv = T.alloc_buffer((8,), dt, scope="local")
         lane, warp = T.meta_var(T.truncmod(tx, 32)), T.meta_var(T.truncdiv(tx, 32))
-        ctx = T.meta_var(SimpleNamespace(
+        ctx = T.meta_var(streamk.WalkContext(
             SL=KL, LENS=lens, B=1, H=T.truncdiv(N + ROWS - 1, ROWS), LMAX=K, CUM=cum, NW=num_workers,
             SPLITS=num_splits, srch=srch, QR=qr, FLAGS=FLAGS, seen=seen, WSUM=wsum, VALID=valid, tx=tx, lane=lane,
             warp=warp, bx=bx, grid=grid, TRACE=None))
@@ -235,5 +236,7 @@ def make_gpu_gemv(spec: GemvSpec):
                                           state=state, xv=xv, wv=wv, tx=tx, lane=lane, warp=warp))
         walk(ctx, op, bufs)
 
-    return gemv.with_attr("global_symbol", spec.name)
+    return sig.prim_func(spec.name, sig.GEMV_PARAMS, body,
+                         ["w", "x", "k_len", "y", "ws", "flags", "num_workers", "num_splits", "grid"],
+                         {"tirx.noalias": True, "tirx.is_scheduled": True})
 

@@ -1,38 +1,28 @@
 """Find, load and launch the built operator library: the run half, which needs no TVM.
 
-Imports only tvm-ffi, torch and numpy, so it works on a serving box (or the GPU machine) that
-has no apache-tvm. A library is a directory holding ``lean_tvm_<arch>.so`` and
-``manifest.json`` (``python -m lean_tvm.build``); it is looked up, in order, in
-``$LEAN_TVM_LIB_DIR``, the package's ``_lib/<arch>``, and the cache ``$LEAN_TVM_CACHE/<arch>``
-(default ``~/.cache/lean_tvm/<arch>``), where a missing one is built once when nvcc (GPU) or
-apache-tvm (CPU) is there.
+On the GPU path it imports only tvm-ffi, torch and numpy, so it works on a serving box (or the GPU
+machine) that has no apache-tvm; the CPU form's library allocates its scratch through TVM's
+runtime, which it loads. Where libraries are looked up is ``library.py``'s; a missing one is an
+error saying how to build it (``lean_tvm.build.ensure_library`` builds on first use).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from .library import ATTENTION_OP, GEMV_OP, MANIFEST, find_library_dir, search_dirs
+from .plan import STREAM_K, stream_k_workers
 from .spec import GEMV_ROWS
-
-STREAM_K = 0
-LIBRARY = "lean_tvm_{arch}.so"
-MANIFEST = "manifest.json"
 
 
 class LibraryNotFound(RuntimeError):
     pass
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LEAN_TVM_CACHE", Path.home() / ".cache" / "lean_tvm"))
 
 
 def device_arch(device: torch.device) -> str:
@@ -43,45 +33,12 @@ def device_arch(device: torch.device) -> str:
     return f"sm_{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
 
 
-def search_dirs(arch: str) -> list[Path]:
-    dirs = []
-    if "LEAN_TVM_LIB_DIR" in os.environ:
-        dirs.append(Path(os.environ["LEAN_TVM_LIB_DIR"]))
-    dirs += [Path(__file__).resolve().parent / "_lib" / arch, cache_root() / arch]
-    return dirs
-
-
-def find_library_dir(arch: str) -> Path | None:
-    for d in search_dirs(arch):
-        if (d / MANIFEST).exists() and (d / LIBRARY.format(arch=arch)).exists():
-            return d
-    return None
-
-
-def _build_into_cache(arch: str) -> Path:
-    """Build once into the cache when the tools are here; else say how to build."""
-    import shutil
-
-    target = cache_root() / arch
-    how = f"python -m lean_tvm.build --arch {arch} --out {target}"
-    try:
-        import tvm  # noqa: F401
-    except ImportError:
-        raise LibraryNotFound(
-            f"no lean_tvm library for {arch} in {[str(d) for d in search_dirs(arch)]}; build it on a "
-            f"machine with apache-tvm{' and nvcc' if arch != 'cpu' else ''}: `{how}` (or set LEAN_TVM_LIB_DIR)"
-        ) from None
-    if arch != "cpu" and not shutil.which("nvcc"):
-        raise LibraryNotFound(f"no lean_tvm library for {arch} and no nvcc to build it: `{how}` on a "
-                              "machine with the CUDA toolkit, then set LEAN_TVM_LIB_DIR")
-    from . import build
-
-    print(f"[lean_tvm] building the operator library for {arch} into {target} (once)", flush=True)
-    if arch == "cpu":
-        build.build_cpu(str(target), build.default_specs())
-    else:
-        build.build_cuda(arch, str(target), build.default_specs())
-    return target
+def _missing(arch: str) -> LibraryNotFound:
+    where = [str(d) for d in search_dirs(arch)]
+    return LibraryNotFound(
+        f"no lean_tvm library for {arch} in {where}. Build one where apache-tvm"
+        f"{' and nvcc are' if arch != 'cpu' else ' is'} installed: `python -m lean_tvm.build --arch {arch} --out DIR` "
+        f"(then set LEAN_TVM_LIB_DIR=DIR), or once into the cache: `lean_tvm.build.ensure_library({arch!r})`")
 
 
 def _load_tvm_backend() -> None:
@@ -120,9 +77,9 @@ class Library:
         self.kernels = [
             KernelInfo(k["name"], k["dtype"], k["head_dim"], k["max_group"], k["block_size"],
                        k.get("knobs", {}).get("ctas_per_sm", 1), k.get("knobs", {}).get("tile_cost", 0))
-            for k in self.manifest["kernels"] if k["op"] == "decode_attention"
+            for k in self.manifest["kernels"] if k["op"] == ATTENTION_OP
         ]
-        self.gemv = {k["dtype"]: k["name"] for k in self.manifest["kernels"] if k["op"] == "gemv"}
+        self.gemv = {k["dtype"]: k["name"] for k in self.manifest["kernels"] if k["op"] == GEMV_OP}
         self._functions = {}
 
     def attention_kernel(self, dtype: str, head_dim: int, group: int, batch: int = 1) -> KernelInfo | None:
@@ -152,7 +109,9 @@ def library_for(device: torch.device) -> Library:
     arch = device_arch(device)
     with _LOCK:
         if arch not in _LIBRARIES:
-            d = find_library_dir(arch) or _build_into_cache(arch)
+            d = find_library_dir(arch)
+            if d is None:
+                raise _missing(arch)
             _LIBRARIES[arch] = Library(d)
         return _LIBRARIES[arch]
 
@@ -201,38 +160,6 @@ WORKSPACE = Workspace()
 def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
-
-
-MIN_WORKERS = 8
-MAX_SPLIT = 64
-SPLIT_SCALE = 3.0
-
-
-def stream_k_workers(tiles: int, blocks_per_tile: int, resident: int) -> int:
-    """Stream-K workers for ``tiles`` tiles of at most ``blocks_per_tile`` blocks (from the cache's
-    length: a shape-only choice, graph-safe). At most one block per worker, and a tile split at
-    most ~3 sqrt(blocks) ways (<= 64): its reducer merges the contributors at ~0.15-0.2 us each, so
-    a short or lone tile split over every SM spends more merging than streaming. Fitted to an
-    H100 sweep of the worker count (NOTES.md): B=1 8/1 (one tile) is fastest at 8, 16, 24-32, 32,
-    48, 64 workers for 8, 32, 64, 128, 256, >= 512 blocks; B1 32/8 L1k (8 tiles x 8 blocks) at 64."""
-    split = min(MAX_SPLIT, math.ceil(SPLIT_SCALE * math.sqrt(blocks_per_tile)))
-    workers = max(1, min(resident, max(MIN_WORKERS, tiles * blocks_per_tile), tiles * split))
-    return aligned_workers(tiles, resident) if workers == resident else workers
-
-
-ALIGN_MIN_FRACTION = 0.9
-
-
-def aligned_workers(tiles: int, resident: int) -> int:
-    """The largest count >= 90% of ``resident`` that is a multiple or a divisor of ``tiles``
-    (else ``resident``): with equal lengths every worker then holds whole tiles or equal parts of
-    one, so fewer tiles are cut and merged. H100, 128 vs 132 workers: B1 32/8 L16k 31.4 vs 33.1 us,
-    B8 L4k 52.2 vs 54.3, B32 L2k 94.8 vs 98.5, B16 L16k 352 vs 356; ragged batches gain nothing
-    (1x128k + 15x2k: 231 vs 230; 64/8 2x64k + 30x512: 243-261 vs 238)."""
-    for w in range(resident, max(int(resident * ALIGN_MIN_FRACTION), 1) - 1, -1):
-        if w % tiles == 0 or tiles % w == 0:
-            return w
-    return resident
 
 
 def _workers_and_grid(device, tiles: int, num_splits: int, num_ctas: int | None, ctas_per_sm: int):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 DTYPES = ("float16", "bfloat16")
+LAYOUTS = ("bhld", "blhd")  # a KV cache as [B, Hkv, L, D] (SDPA, TVM) or [B, L, Hkv, D] (flash-attn, vLLM)
 HEAD_DIMS = (64, 128, 256)
 MAX_GROUPS = (8, 16)
 GEMV_ROWS = 16  # output rows per tile of the split-K GEMV

@@ -2,8 +2,9 @@
 
 An operator whose output tiles each reduce over a run of blocks (decode attention: KV blocks of
 one (sequence, KV head); a split-K GEMV: K blocks of a group of rows) hands this module a few
-TIR macros -- how to start a tile, load and fold one block into its running state, merge two
-states, publish and write a state -- and gets back the whole persistent kernel structure:
+TIR macros (:class:`CpuOperator`, :class:`GpuOperator`) -- how to start a tile, load and fold one
+block into its running state, merge partial states, publish and write a state -- and gets back
+the whole persistent kernel structure:
 
 * the device-side plan (``plan.py``'s arithmetic, evaluated from the lengths on the device, so a
   captured CUDA graph stays right when the lengths change in place);
@@ -16,18 +17,13 @@ states, publish and write a state -- and gets back the whole persistent kernel s
 
 The CPU form is the same walk with the worker index as a serial loop and no waits: the plan's
 order rule makes worker ``v`` depend only on workers below ``v``.
-
-Operator interface (``op`` below; every macro takes the operator's buffer namespace first):
-``begin_tile(bufs, b, h)``, ``write_empty(bufs, b)``, ``publish(bufs, slot)``,
-``merge_partials(bufs, top, n, valid)`` (fold slots top - i with valid[i] != 0, i < n, in
-increasing i), ``write_output(bufs, b, h)``; CPU: ``step(bufs, b, h, row0, n)``;
-GPU: ``setup(bufs)`` (once per CTA), ``load(bufs, stage, b, h, row0, n)``,
-``compute(bufs, stage, b, h, row0, n)``,
-``combine(bufs)`` (warp states -> the CTA's state). ``row0`` is the block's first row, ``n``
-the tile's valid length.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 from tvm.script import tirx as T
 
@@ -40,6 +36,72 @@ NO_FLAG, FLAG_SET = 0, 1
 MAX_CONTRIBUTORS = 128  # partials the CPU reducer merges per round (GPU: one per thread)
 
 
+@dataclasses.dataclass(frozen=True)
+class CpuOperator:
+    """The serial walk's view of an operator: TIR macros, each taking the operator's own buffer
+    namespace ``bufs`` first. ``row0`` is a block's first row, ``n`` the tile's valid length."""
+
+    begin_tile: Callable  # (bufs, b, h): reset the running state for tile (sequence b, tile h of it)
+    step: Callable  # (bufs, b, h, row0, n): fold rows [row0, min(row0 + block, n)) into the state
+    publish: Callable  # (bufs, slot): store the state as partial number ``slot``
+    merge_partials: Callable  # (bufs, top, n, valid): fold partials top - i, i < n, valid[i] != 0, in i order
+    write_output: Callable  # (bufs, b, h): finish the state and store tile (b, h)'s output
+    write_empty: Callable  # (bufs, b): the output of sequence b when it has no rows
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuOperator:
+    """The persistent GPU walk's view of an operator (see :class:`CpuOperator` for the shared
+    macros): each warp loads and folds its own slice of a block; ``combine`` turns the warps'
+    states into the CTA's state at a piece's end, which ``publish``/``merge_partials``/
+    ``write_output`` then use."""
+
+    setup: Callable  # (bufs): per-CTA constants, once
+    begin_tile: Callable
+    load: Callable  # (bufs, stage, b, h, row0, n): issue the cp.async copies of a block into ``stage``
+    compute: Callable  # (bufs, stage, b, h, row0, n): fold the block held in ``stage``
+    combine: Callable  # (bufs): the warps' states -> the CTA's state
+    publish: Callable
+    merge_partials: Callable
+    write_output: Callable
+    write_empty: Callable
+
+
+@dataclasses.dataclass
+class WalkContext:
+    """What the walk reads and the scratch it owns (TIR buffers and expressions).
+
+    Both forms: ``SL`` the lengths (indexable: a buffer or an object with ``__getitem__``), ``B``
+    sequences, ``H`` tiles per sequence, ``LMAX`` rows in the cache (lengths are clamped to it),
+    ``CUM`` int32[B + 1] (first block of each sequence's tiles), ``NW`` workers, ``SPLITS`` (0 =
+    stream-K), ``QR`` int32[:func:`qr_len`] (divmod of the total cost by NW, then the tile cost in
+    effect), ``srch`` int32[2] search scratch, ``FLAGS`` int32[workers].
+    GPU form only: ``LENS`` shared int32[max batch] (clamped lengths: no global load sits before a
+    K/V load), ``WSUM`` shared int32[warps], ``VALID`` shared int32[threads], ``seen`` local
+    int32[1], the thread indices, ``grid`` (CTAs) and ``TRACE`` (uint64[grid, events] or None)."""
+
+    SL: Any
+    B: Any
+    H: Any
+    LMAX: Any
+    CUM: Any
+    NW: Any
+    SPLITS: Any
+    QR: Any
+    srch: Any
+    FLAGS: Any
+    LENS: Any = None
+    WSUM: Any = None
+    VALID: Any = None
+    seen: Any = None
+    tx: Any = None
+    lane: Any = None
+    warp: Any = None
+    bx: Any = None
+    grid: Any = None
+    TRACE: Any = None
+
+
 def seq_len(ctx, b):
     """Valid rows of sequence b, clamped to the cache (a length past it reads nothing extra)."""
     return T.max(T.min(ctx.SL[b], ctx.LMAX), 0)
@@ -50,11 +112,9 @@ def blocks_of(ctx, b, block_size):
 
 
 def plan_macros(cfg: StreamKConfig):
-    """Macros shared by both forms; ``ctx`` holds SL (lengths), B, H (tiles per sequence),
-    LMAX (rows in the cache), CUM (int32[B + 1]: first block of each sequence's tiles),
-    NW (workers), SPLITS (0 = stream-K), QR (int32[2]: total cost // NW and % NW; int32[3] when
-    ``cfg.tile_cost`` > 0, QR[2] = the tile cost in effect: 0 when every sequence has the same
-    number of blocks, see ``plan.stream_k_edges``) and ``srch``, a local int32[2] scratch."""
+    """Macros shared by both forms, over a :class:`WalkContext` ``ctx``. QR holds total cost // NW
+    and % NW, and when ``cfg.tile_cost`` > 0 also QR[2], the tile cost in effect: 0 when every
+    sequence has the same number of blocks (``plan.stream_k_edges``)."""
 
     tc = cfg.tile_cost
 
@@ -271,10 +331,7 @@ __forceinline__ __device__ unsigned long long lean_globaltimer() {
 
 def gpu_walk(cfg: StreamKConfig):
     """The persistent GPU form: CTAs walk workers bx, bx + grid, ...; per warp a cp.async
-    pipeline ``stages`` deep runs over the whole range, across tile boundaries. Besides the
-    fields of :func:`plan_macros`, ``ctx`` needs LENS (shared int32[max batch]: the plan keeps
-    the clamped lengths there, so no global load sits before a K/V load), WSUM, VALID, seen and
-    the thread indices."""
+    pipeline ``stages`` deep runs over the whole range, across tile boundaries."""
     pm = plan_macros(cfg)
     bs, nt, stages, nwarps = cfg.block_size, cfg.num_threads, cfg.stages, cfg.num_warps
     full_mask = T.uint32(0xFFFFFFFF)

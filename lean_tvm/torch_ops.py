@@ -6,22 +6,25 @@ The plan is computed on the device from ``cache_seqlens``, so a captured CUDA gr
 when the lengths change in place, and ``torch.compile(fullgraph=True)`` traces through the
 registered ops (``lean_tvm::decode_attention``, ``lean_tvm::decode_attention_out``). Eager calls
 skip the dispatcher, and their argument checks run once per call signature (dtypes, devices,
-shapes, strides), not once per call: the host path is what a decode step waits on.
+shapes, strides), not once per call: the host path is what a decode step waits on. No call
+waits for the GPU unless asked to: lengths on the GPU are checked only with ``check_lengths=True``
+or ``LEAN_TVM_CHECK=1`` (the kernel clamps them into the cache either way).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
 from . import runtime
-from .spec import HEAD_DIMS, MAX_GROUPS
+from .spec import HEAD_DIMS, LAYOUTS, MAX_GROUPS
 
-LAYOUTS = ("bhld", "blhd")  # [B, Hkv, L, D] (SDPA) and [B, L, Hkv, D] (flash-attn KV cache)
 _DTYPES = (torch.float16, torch.bfloat16)
+CHECK_ENV = "LEAN_TVM_CHECK"  # "1": check every call's lengths, even those on the GPU (debugging)
 _FULL_LENGTHS: dict[tuple, torch.Tensor] = {}
 
 
@@ -111,9 +114,19 @@ def _odd_row_strides(q3: torch.Tensor) -> bool:
     return any(s % 2 for s in q3.stride()[:2])
 
 
+def _checks_lengths(check_lengths: bool | None, cache_seqlens) -> bool:
+    """Whether this call reads the length values: ``True``/``False`` as asked; ``None`` (the
+    default) only where that costs no wait for the GPU (lengths on the CPU) unless
+    ``LEAN_TVM_CHECK=1``."""
+    if check_lengths is not None:
+        return bool(check_lengths)
+    return cache_seqlens.device.type == "cpu" or os.environ.get(CHECK_ENV) == "1"
+
+
 def _check_length_values(cache_seqlens, cache_len: int, device: torch.device) -> None:
-    """Lengths in [0, L]: a device-to-host copy, skipped while capturing or compiling."""
-    if not _capturing(device) and not torch.compiler.is_compiling():
+    """Lengths in [0, L]: for lengths on the GPU a device-to-host copy (the caller asked for
+    it), skipped while capturing or compiling."""
+    if cache_seqlens.numel() and not _capturing(device) and not torch.compiler.is_compiling():
         lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
         if lo < 0 or hi > cache_len:
             _fail(ValueError, "cache_seqlens", f"lengths in [0, {cache_len}] (the cache length)",
@@ -131,7 +144,7 @@ def check_inputs(q, k_cache, v_cache, cache_seqlens, softmax_scale, layout, out,
 
     Returns (q [B, Hq, D], k [B, Hkv, L, D] view, v view, scale, out [B, Hq, D] view or None)."""
     q3, k, v, out3 = _check_metadata(q, k_cache, v_cache, cache_seqlens, layout, out)
-    if check_lengths and cache_seqlens is not None:
+    if cache_seqlens is not None and _checks_lengths(check_lengths, cache_seqlens):
         _check_length_values(cache_seqlens, k.shape[2], q3.device)
     scale = 1.0 / math.sqrt(q3.shape[2]) if softmax_scale is None else _checked_scale(softmax_scale)
     return q3, k, v, scale, out3
@@ -150,6 +163,8 @@ def _full_lengths(batch: int, cache_len: int, device: torch.device) -> torch.Ten
 
 
 def _run(q, k, v, cache_seqlens, softmax_scale, out, lse) -> None:
+    if q.shape[0] == 0:  # an empty batch: nothing to launch
+        return
     if cache_seqlens is None:
         cache_seqlens = _full_lengths(q.shape[0], k.shape[2], q.device)
     runtime.launch_attention(q, k, v, cache_seqlens, out, lse, softmax_scale)
@@ -207,9 +222,13 @@ def _plan(q, k_cache, v_cache, cache_seqlens, layout, out) -> _Plan:
 def _make_plan(q, k_cache, v_cache, cache_seqlens, layout, out) -> _Plan:
     q3, k, _, _ = _check_metadata(q, k_cache, v_cache, cache_seqlens, layout, out)
     batch, hq, head_dim = q3.shape
-    launch = runtime.attention_launcher(q3, k.shape[1], max_len=k.shape[2])
+    launch = runtime.attention_launcher(q3, k.shape[1], max_len=k.shape[2]) if batch else _no_launch
     return _Plan(q.dim() == 4, _odd_row_strides(q3), layout == "blhd", tuple(q.shape), (batch, hq), q.dtype,
                  q.device, k.shape[2], 1.0 / math.sqrt(head_dim), launch)
+
+
+def _no_launch(*_args) -> None:
+    """An empty batch's launch: there is nothing to compute."""
 
 
 @torch.library.custom_op("lean_tvm::decode_attention", mutates_args=())
@@ -238,7 +257,7 @@ def _(q, k, v, cache_seqlens, softmax_scale, out, lse):
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cache_seqlens: torch.Tensor | None = None, *, softmax_scale: float | None = None,
                      return_lse: bool = False, out: torch.Tensor | None = None, layout: str = "bhld",
-                     check_lengths: bool = True):
+                     check_lengths: bool | None = None):
     """Decode attention of one new token per sequence over a KV cache (LeanAttention).
 
     q: [B, Hq, D] or [B, 1, Hq, D]; k_cache, v_cache: [B, Hkv, L, D] (``layout="bhld"``, SDPA's)
@@ -246,11 +265,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     head dim, no copies; cache_seqlens: int32 [B] valid lengths (default: all L), 0 allowed.
     fp16 or bf16, D in 64/128/256, Hq a multiple of Hkv (GQA/MQA, up to 16 query heads per KV
     head). Returns out [B, Hq, D] (q's dtype), and with ``return_lse`` also lse [B, Hq] fp32
-    (natural log; -inf and a zero output for an empty sequence).
+    (natural log; -inf and a zero output for an empty sequence). B = 0 returns empty tensors.
 
-    ``check_lengths`` reads ``cache_seqlens`` to reject lengths outside [0, L] before the launch;
-    that costs a device-to-host copy, so hot loops (and CUDA graph capture, where it is skipped)
-    pass False: the kernel then clamps lengths into [0, L] and never reads past the cache.
+    ``check_lengths``: reject lengths outside [0, L] before the launch. The default (None) checks
+    lengths that are on the CPU and never waits for the GPU (set ``LEAN_TVM_CHECK=1`` to check
+    GPU lengths too, when debugging); True always checks (a device-to-host copy, skipped during
+    CUDA graph capture), False never. Unchecked lengths are clamped into [0, L] by the kernel, which
+    never reads past the cache.
     """
     if torch.compiler.is_compiling():
         return _traced(q, k_cache, v_cache, cache_seqlens, softmax_scale, return_lse, out, layout, check_lengths)
@@ -260,7 +281,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, cache_seqlens, layout, out)
     if cache_seqlens is None:
         cache_seqlens = _full_lengths(lse_shape[0], cache_len, device)
-    elif check_lengths:
+    elif _checks_lengths(check_lengths, cache_seqlens):
         _check_length_values(cache_seqlens, cache_len, device)
     if softmax_scale is not None:
         scale = _checked_scale(softmax_scale)
@@ -297,7 +318,7 @@ def _traced(q, k_cache, v_cache, cache_seqlens, softmax_scale, return_lse, out, 
 class LeanDecodeAttention(torch.nn.Module):
     """``decode_attention`` as a module, for models: forward(q, k_cache, v_cache, cache_seqlens)."""
 
-    def __init__(self, softmax_scale: float | None = None, layout: str = "bhld", check_lengths: bool = False):
+    def __init__(self, softmax_scale: float | None = None, layout: str = "bhld", check_lengths: bool | None = None):
         super().__init__()
         if layout not in LAYOUTS:
             _fail(ValueError, "layout", f"one of {LAYOUTS}", repr(layout))

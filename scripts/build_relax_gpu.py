@@ -8,10 +8,10 @@ Writes into OUT (git-ignored):
   attn_tvm_<arch>.so,      the decode attention alone, both forms (examples/llama_relax.AttentionOnly)
   attn_lean_<arch>.so
   paged_kernels_<arch>.so  TVM's paged decode kernel (batch_decode_paged_kv) and ours in its form
-                           (lean_tvm.paged), as plain TIR functions
+                           (lean_tvm.relax.kv_cache), as plain TIR functions
   paged_cache_tvm_<arch>.so, paged_cache_lean_<arch>.so
                            create() of TVM's TIRPagedKVCache (one layer), with TVM's decode kernel and
-                           with ours swapped in (lean_tvm.paged.use_lean_paged_decode)
+                           with ours swapped in (lean_tvm.relax.kv_cache.use_lean_paged_decode)
   manifest.json            model config, weight names/shapes (the VM takes weights after the inputs),
                            num_workers, knobs, kernel lists, sizes, versions
   site/tvm/                the TVM package for runtime-only use (no libtvm_compiler.so, 3rdparty, src,
@@ -138,8 +138,8 @@ def build_paged(out: str, arch: str, target, lean_cfg, manifest: dict) -> None:
     import tvm
     from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode
 
-    from lean_tvm import paged
     from lean_tvm import relax as lean_relax
+    from lean_tvm.relax import kv_cache as paged
 
     hq, hkv, d, dt, ps = (PAGED[k] for k in ("num_qo_heads", "num_kv_heads", "head_dim", "dtype", "page_size"))
     lean = paged.make_paged_decode_gpu(hkv, hq, d, dt, ps, lean_cfg)

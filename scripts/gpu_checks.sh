@@ -1,29 +1,33 @@
 #!/usr/bin/env bash
 # Everything the GPU machine checks, in one call (a lent machine starts bare; keep calls few).
-# Needs: the library in $LEAN_TVM_LIB_DIR (python -m lean_tvm.build), the tvm-ffi wheel in .whl/.
-# Logs go to ${OUT:-gpu_out}/. Usage: bash scripts/gpu_checks.sh [tests] [sanitize] [llama] [bench] [tune]
-#   [relax] [paged]
-# (bench needs the FlashInfer payload in .gpu/fi: ../shared/tools/flashinfer_payload.sh .gpu/fi;
+# Needs: the operator library and the benchmark's kernels in $LEAN_TVM_LIB_DIR (default build/sm_90a:
+#   python -m lean_tvm.build --arch sm_90a --out build/sm_90a
+#   python -m lean_tvm.bench.libraries --arch sm_90a --out build/sm_90a [--with-tvm-peer]),
+# the tvm-ffi wheel in .whl/ (see ../shared/docs/GPU_RUNTIME.md). Logs go to ${OUT:-gpu_out}/.
+# Usage: bash scripts/gpu_checks.sh [tests] [sanitize] [llama] [host] [bench] [tune] [relax] [paged]
+# (bench wants the peers: FlashInfer in .gpu/fi (../shared/tools/flashinfer_payload.sh .gpu/fi) and
+#  FA3 in .gpu/fa3 (../shared/tools/fa3_payload.sh .gpu/fa3); BENCH_ARGS default --quick;
 #  relax and paged need build/relax_gpu: python scripts/build_relax_gpu.py)
 set -u
 out=${OUT:-gpu_out}; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD LEAN_TVM_LIB_DIR=${LEAN_TVM_LIB_DIR:-build/sm_90a}
+export PYTHONPATH=/tmp/site:$PWD LEAN_TVM_LIB_DIR=${LEAN_TVM_LIB_DIR:-build/sm_90a} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 for step in "$@"; do
   case $step in
-    tests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" | tail -15 ;;
+    tests) timeout 500 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" | tail -15 ;;
     sanitize)
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
         timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_check.py > "$out/sanitize_$tool.txt" 2>&1
         echo "compute-sanitizer $tool: exit $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize_$tool.txt" | tail -1)"
       done ;;
     llama) timeout 300 python3 scripts/llama_decode.py 2>&1 | tee "$out/llama_decode.txt" | tail -8 ;;
-    bench) PYTHONPATH=$PWD/.gpu/fi:$PYTHONPATH FLASHINFER_CUDA_ARCH_LIST=9.0a timeout 420 python3 -m lean_tvm.bench \
-            ${BENCH_ARGS:---quick} --out "$out/bench" 2>&1 | tail -30 ;;
+    host) timeout 120 python3 scripts/host_overhead.py 2>&1 | tee "$out/host_overhead.txt" | tail -20 ;;
+    bench) PYTHONPATH=$PWD/.gpu/fi:$PYTHONPATH LEAN_TVM_FA3=$PWD/.gpu/fa3 FLASHINFER_CUDA_ARCH_LIST=9.0a timeout 590 \
+            python3 -m lean_tvm.bench ${BENCH_ARGS:---quick} --out "$out/bench" 2>&1 | tail -30 ;;
+    tune) timeout 300 python3 -m lean_tvm.bench.tune measure --lib build/tune_sm_90a --out "$out/tune.json" --reps 15 \
+            > "$out/tune_log.txt" 2>&1; echo "tune: exit $?" ;;
     relax|paged) PYTHONPATH=$PYTHONPATH:$PWD/build/relax_gpu/site:$PWD/build/relax_gpu timeout 400 \
             python3 scripts/${step}_gpu.py 2>&1 | tee "$out/${step}_gpu.txt" | tail -30 ;;
-    tune) timeout 300 python3 -m lean_tvm.tune measure --lib build/tune_sm_90a --out "$out/tune.json" --reps 15 \
-            > "$out/tune_log.txt" 2>&1; echo "tune: exit $?" ;;
   esac
 done

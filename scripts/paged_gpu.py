@@ -1,18 +1,14 @@
 r"""LeanAttention in TVM's paged-KV-cache form on the GPU (runtime-only TVM): correctness against
-float64 and TVM's own paged decode kernel, inside TVM's KV cache runtime, and device time.
+float64 and TVM's own paged decode kernel, and inside TVM's KV cache runtime. (Its speed is the
+benchmark suite's: ``python -m lean_tvm.bench``.)
 
 Build first on the CPU machine: ``python scripts/build_relax_gpu.py`` (writes build/relax_gpu/;
-``paged_*`` files) and, for the streaming-read reference and our dense kernel on the same K/V,
-``python -m lean_tvm.build --arch sm_90a --out build/sm_90a``. On the GPU machine, carrying
-``[".whl", "build/relax_gpu", "build/sm_90a"]``:
+``paged_*`` files). On the GPU machine, carrying ``[".whl", "build/relax_gpu"]``:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
-    PYTHONPATH=/tmp/site:$PWD/build/relax_gpu/site:$PWD/build/relax_gpu:$PWD LEAN_TVM_LIB_DIR=build/sm_90a \
-    python3 scripts/paged_gpu.py
+    PYTHONPATH=/tmp/site:$PWD/build/relax_gpu/site:$PWD/build/relax_gpu:$PWD python3 scripts/paged_gpu.py
 
 Environment: RELAX_GPU_DIR (default build/relax_gpu), OUT (writes $OUT/paged_gpu.json).
-Timing (lean_tvm.timing): median [p10-p90] of 30 calls, each behind a 256 MB L2-flushing read;
-``lean`` is our kernel with the tuned knobs, ``lean_w4s3``/``lean_w4s4`` 4 warps with deeper pipelines.
 """
 
 from __future__ import annotations
@@ -28,16 +24,16 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIR = os.environ.get("RELAX_GPU_DIR", os.path.join(REPO, "build", "relax_gpu"))
-sys.path[:0] = [os.path.join(DIR, "site"), DIR, REPO]
+sys.path[:0] = [os.path.join(DIR, "site"), DIR, REPO, os.path.join(REPO, "tests")]
 
 from lean_runtime import load_tvm_cuda_runtime  # noqa: E402
 
 tvm = load_tvm_cuda_runtime()
+import paged_cases  # noqa: E402  (the tests' fixtures)
 from tvm.runtime.vm import VirtualMachine  # noqa: E402
 
-from lean_tvm import paged_cases  # noqa: E402
 from lean_tvm.reference import decode_attention_reference  # noqa: E402
-from lean_tvm.timing import Timer, gpu_clocks  # noqa: E402
+from lean_tvm.softmax import LSE_TVM, lse_natural_from_tvm  # noqa: E402
 
 DEV = torch.device("cuda")
 TOL = dict(atol=2e-3, rtol=1e-2)  # fp16 output vs float64
@@ -47,8 +43,6 @@ CHECK_LENS = {
     "one long": [70001],
     "uniform 8 x 2k": [2048] * 8,
 }
-TIMED = {"B1 L4k": [4096], "B1 L16k": [16384], "B1 L64k": [65536], "B1 L128k": [131072],
-         "B8 L4k": [4096] * 8, "B32 L2k": [2048] * 32, "1x64k + 15x2k": [65536] + [2048] * 15}
 CACHE_LENS = [37, 1000, 16, 2900, 1]  # TVM's KV cache runtime: prefill these (one chunk), then one decode step
 
 
@@ -89,10 +83,10 @@ def check_kernels(k: PagedKernels, results: dict) -> bool:
             outs[form] = (o, lse)
             empty = torch.tensor([n == 0 for n in lens], device=DEV)
             err = (o.double() - ref_o).abs().max().item()
-            lse_err = (paged_cases.lse_natural(lse).double() - ref_lse)[~empty].abs().max().item()
+            lse_err = (lse_natural_from_tvm(lse).double() - ref_lse)[~empty].abs().max().item()
             good = {"o": torch.allclose(o.double(), ref_o, **TOL) and not torch.isnan(lse).any(),
-                    "lse": torch.allclose(paged_cases.lse_natural(lse).double()[~empty], ref_lse[~empty], **LSE_TOL),
-                    "empty": bool((lse[empty] == paged_cases.PAGED_EMPTY_LSE).all() and (o[empty] == 0).all())}
+                    "lse": torch.allclose(lse_natural_from_tvm(lse).double()[~empty], ref_lse[~empty], **LSE_TOL),
+                    "empty": bool((lse[empty] == LSE_TVM.empty).all() and (o[empty] == 0).all())}
             verdict = "OK" if all(good.values()) else "FAIL " + ",".join(k for k, v in good.items() if not v)
             log(f"[check] paged kernel {form:4s} {name:16s}: max|err| vs float64 o {err:.2e} lse {lse_err:.2e} "
                 f"{verdict}")
@@ -127,52 +121,9 @@ def check_kv_cache(manifest: dict, k: PagedKernels, results: dict) -> bool:
     return ok
 
 
-def dense_and_stream(case, k: PagedKernels):
-    """Our dense operator on the same K/V, and the streaming read of its bytes (the operator
-    library, if LEAN_TVM_LIB_DIR points at one)."""
-    try:
-        import lean_tvm
-        from lean_tvm import runtime
-    except ImportError:
-        return {}
-    kd, vd = paged_cases.dense_from_pages(case)
-    lens = torch.tensor(case.lens, dtype=torch.int32, device=DEV)
-    out = {"lean_dense": lambda: lean_tvm.decode_attention(case.q, kd, vd, lens, check_lengths=False)}
-    try:
-        read = runtime.library_for(DEV).function("stream_read")
-    except Exception as e:  # noqa: BLE001 -- no library: no reference column
-        log(f"no streaming-read reference: {e}")
-        return out
-    nbytes = 2 * sum(case.lens) * k.hkv * k.d * 2
-    x = torch.empty(nbytes // 16, 8, dtype=torch.float16, device=DEV)
-    sink = torch.empty(1 << 20, device=DEV)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    out["stream"] = lambda: read(x, sink, 4 * sms)
-    return out
-
-
-def time_all(k: PagedKernels, results: dict) -> None:
-    timer = Timer(DEV)
-    timer.warm_clocks()
-    log("\ndevice time, us: median [p10-p90] of 30, L2 flushed by a 256 MB read; KV MB; lean vs TVM's kernel")
-    for name, lens in TIMED.items():
-        case = k.case(lens)
-        fns = {form: k.call(form, case)[0] for form in k.fns}
-        fns.update(dense_and_stream(case, k))
-        row = {form: timer.device_time(fn) for form, fn in fns.items()}
-        mb = 2 * sum(lens) * k.hkv * k.d * 2 / 1e6
-        cols = "  ".join(f"{f} {s.median:8.1f} [{s.p10:.0f}-{s.p90:.0f}]" for f, s in row.items())
-        log(f"{name:>14} {mb:7.1f} MB | {cols} | lean/tvm {row['tvm'].median / row['lean'].median:.2f}x")
-        results["timings"][name] = {"lens": lens if len(lens) <= 16 else f"{len(lens)} seqs", "kv_mb": mb,
-                                    **{f: vars(s) for f, s in row.items()}}
-        del case
-        torch.cuda.empty_cache()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checks-only", action="store_true", help="correctness checks, no timing (tests/test_gpu.py)")
-    args = ap.parse_args()
+    ap.parse_args()
     with open(os.path.join(DIR, "manifest.json")) as f:
         manifest = json.load(f)
     props = torch.cuda.get_device_properties(0)
@@ -183,13 +134,10 @@ def main() -> int:
     log(f"{torch.cuda.get_device_name()} SMs={props.multi_processor_count} torch {torch.__version__} "
         f"tvm {tvm.__version__} (runtime only) paged config {manifest['paged']}")
     k = PagedKernels(manifest)
-    results = {"device": torch.cuda.get_device_name(), "clocks": gpu_clocks(DEV),
-               "date": time.strftime("%Y-%m-%d %H:%M"), "config": manifest["paged"],
-               "commit": os.environ.get("LEAN_TVM_COMMIT", ""), "checks": {}, "timings": {}}
+    results = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M"),
+               "config": manifest["paged"], "commit": os.environ.get("LEAN_TVM_COMMIT", ""), "checks": {}}
     ok = check_kernels(k, results)
     ok &= check_kv_cache(manifest, k, results)
-    if not args.checks_only:
-        time_all(k, results)
     if os.environ.get("OUT"):
         os.makedirs(os.environ["OUT"], exist_ok=True)
         with open(os.path.join(os.environ["OUT"], "paged_gpu.json"), "w") as f:

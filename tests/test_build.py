@@ -5,13 +5,13 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 
 import pytest
 
 pytest.importorskip("tvm")
 
-from lean_tvm import bench, build, tvm_peer  # noqa: E402
+from lean_tvm import build  # noqa: E402
+from lean_tvm.bench import grid, libraries, systems, tvm_peer  # noqa: E402
 from lean_tvm.schedule_records import SMEM_PER_BLOCK  # noqa: E402
 from lean_tvm.spec import AttentionSpec  # noqa: E402
 
@@ -34,8 +34,8 @@ def test_library_and_manifest_are_written(built):
     assert on_disk == manifest
     assert manifest["arch"] == arch and manifest["tvm_version"].startswith("0.27")
     names = {k["name"] for k in manifest["kernels"]}
-    assert {"lean_attention_float16_d128_g8", "lean_attention_bfloat16_d64_g16", "stream_k_gemv_float16",
-            "stream_read"} <= names
+    assert {"lean_attention_float16_d128_g8", "lean_attention_bfloat16_d64_g16", "stream_k_gemv_float16"} <= names
+    assert "stream_read" not in names  # the benchmark's yardstick lives in the benchmark's library
     assert len(manifest["source_sha256"]) == 64
     knobs = {k["name"]: k.get("knobs", {}) for k in manifest["kernels"]}
     assert knobs["lean_attention_float16_d128_g8"]["tile_cost"] == 0
@@ -83,19 +83,22 @@ PEER_VARIANTS = [tvm_peer.Variant(32, 8, 128, "float16"), tvm_peer.Variant(8, 1,
 
 
 @pytest.fixture(scope="module")
-def peer_built(tmp_path_factory):
-    """TVM's decode kernel, two variants, added beside an operator library's manifest."""
-    out = tmp_path_factory.mktemp("tvm_peer")
+def bench_built(tmp_path_factory):
+    """The benchmark's library beside (not inside) an operator library: the yardstick and two
+    variants of TVM's decode kernel."""
+    out = tmp_path_factory.mktemp("bench_lib")
     (out / "manifest.json").write_text(json.dumps({"arch": "sm_90a", "library": "lean_tvm_sm_90a.so", "kernels": []}))
-    return out, build.add_tvm_peer("sm_90a", str(out), PEER_VARIANTS)
+    return out, libraries.build("sm_90a", str(out), with_tvm_peer=True, peer_variants=PEER_VARIANTS)
 
 
 @needs_nvcc
-def test_tvm_peer_compiles_for_sm_90a_through_tvms_pipeline(peer_built):
-    out, entry = peer_built
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest[tvm_peer.MANIFEST_KEY] == entry and manifest["library"] == "lean_tvm_sm_90a.so"
+def test_tvm_peer_compiles_for_sm_90a_through_tvms_pipeline(bench_built):
+    out, manifest = bench_built
+    assert json.loads((out / "manifest.json").read_text())["kernels"] == []  # the operator's manifest untouched
+    assert json.loads((out / libraries.BENCH_MANIFEST).read_text()) == manifest
+    entry = manifest[tvm_peer.MANIFEST_KEY]
     assert entry["library"] == "tvm_decode_sm_90a.so" and (out / entry["library"]).stat().st_size > 100_000
+    assert manifest["library"] == "lean_bench_sm_90a.so" and [k["name"] for k in manifest["kernels"]] == ["stream_read"]
     assert [k["name"] for k in entry["kernels"]] == [v.name for v in PEER_VARIANTS]
     for k in entry["kernels"]:
         assert k["resources"]["registers"] <= 255 and k["resources"]["spill_bytes"] == 0, k
@@ -107,25 +110,19 @@ def test_tvm_peer_compiles_for_sm_90a_through_tvms_pipeline(peer_built):
 
 
 @needs_nvcc
-def test_tvm_peer_loads_with_tvm_ffi_alone_and_serves_the_bench(peer_built, monkeypatch):
-    out, entry = peer_built
+def test_bench_kernels_load_with_tvm_ffi_alone_and_serve_the_bench(bench_built):
+    out, manifest = bench_built
+    names = [v.name for v in PEER_VARIANTS]
     load = ("import sys; sys.modules['tvm'] = None; import tvm_ffi; "
-            f"m = tvm_ffi.load_module({str(out / entry['library'])!r}); print([m[n] for n in sys.argv[1:]])")
-    res = subprocess.run([sys.executable, "-c", load, *(v.name for v in PEER_VARIANTS)], capture_output=True,
-                         text=True)
+            f"m = tvm_ffi.load_module({str(out / manifest[tvm_peer.MANIFEST_KEY]['library'])!r}); "
+            f"s = tvm_ffi.load_module({str(out / manifest['library'])!r}); "
+            "print([m[n] for n in sys.argv[1:]], s['stream_read'])")
+    res = subprocess.run([sys.executable, "-c", load, *names], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    lib = types.SimpleNamespace(manifest=json.loads((out / "manifest.json").read_text()),
-                                path=out / "lean_tvm_sm_90a.so")
-    monkeypatch.setattr(bench.runtime, "library_for", lambda device: lib)
-    peer = bench.TvmPeer(None)
-    assert not peer.error and callable(peer.kernel(bench.uniform(1, 4096, 32, 8)))
-    with pytest.raises(bench.Unsupported, match="no TVM kernel for 64/8"):
-        peer.kernel(bench.uniform(1, 4096, 64, 8))
-
-
-def test_tvm_peer_needs_the_operator_librarys_manifest(tmp_path):
-    with pytest.raises(build.BuildError, match="no manifest.json"):
-        build.add_tvm_peer("sm_90a", str(tmp_path), PEER_VARIANTS)
+    peer = systems.TvmPeer(libraries.BenchLibrary(out))
+    assert not peer.error and callable(peer.kernel(grid.uniform(1, 4096, 32, 8)))
+    with pytest.raises(systems.Unsupported, match="no TVM kernel for 64/8"):
+        peer.kernel(grid.uniform(1, 4096, 64, 8))
 
 
 def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):
@@ -146,7 +143,7 @@ def test_cli_help_and_bad_arguments(capsys):
     assert e.value.code == 0 and "--arch" in capsys.readouterr().out
     assert build.main(["--arch", "sm_61", "--out", os.devnull]) == 2
     with pytest.raises(SystemExit) as e:
-        build.main(["--arch", "cpu", "--with-tvm-peer"])
+        libraries.main(["--arch", "cpu", "--out", os.devnull])
     assert e.value.code == 2
 
 
@@ -181,3 +178,35 @@ def test_schedule_records_batch_tile_cost():
     kept = SR.keep_batch_tile_costs(new, old)
     assert kept[0] == {"head_dim": 128, "max_group": 8, "knobs": {"stages": 3}, "batch_tile_cost": 6}
     assert "batch_tile_cost" not in kept[1]
+
+
+@needs_nvcc
+def test_a_gpu_library_serves_decode_attention_without_apache_tvm(built):
+    """A serving box has torch and tvm-ffi only: with ``tvm`` unimportable, the library built here
+    is found, loaded and called through ``lean_tvm.decode_attention`` (the device is faked as an
+    sm_90a GPU: on this CPU machine the call gets as far as the kernel's own argument check,
+    which refuses CPU tensors)."""
+    arch, out, _ = built
+    if arch != "sm_90a":
+        pytest.skip("one arch is enough")
+    code = f"""
+import sys, os
+sys.modules["tvm"] = None
+os.environ["LEAN_TVM_LIB_DIR"] = {str(out)!r}
+import torch, lean_tvm
+from lean_tvm import runtime
+runtime.device_arch = lambda device: "sm_90a"
+runtime.num_sms = lambda device: 132
+q = torch.randn(2, 32, 128).half()
+k = torch.randn(2, 8, 256, 128).half()
+try:
+    lean_tvm.decode_attention(q, k, k, torch.tensor([256, 7], dtype=torch.int32))
+except ValueError as e:
+    assert "device_type" in str(e) and "cuda" in str(e), e
+    print("reached the kernel")
+print(runtime.library_for(q.device).path.name, [m for m in sys.modules if m.split(".")[0] == "tvm"
+                                                and sys.modules[m] is not None])
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "reached the kernel" in res.stdout and "lean_tvm_sm_90a.so []" in res.stdout, res.stdout

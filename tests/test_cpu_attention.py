@@ -1,6 +1,6 @@
 """LeanAttention's CPU form (the same walk, workers run in order) against float64.
 
-A pairwise subset of issue 3's grid (B 1..8, G 1/4/8, D 64/128/256, lengths 0..~70k, fp16 and
+A pairwise subset of the numerics grid (B 1..8, G 1/4/8, D 64/128/256, lengths 0..~70k, fp16 and
 bf16) covers every value of every axis; the long-context rows are marked ``slow``.
 """
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import assert_attention_close
 
+from lean_tvm import plan as P
 from lean_tvm import runtime
 from lean_tvm.reference import decode_attention_reference
 
@@ -103,12 +104,12 @@ def test_long_contexts_cpu_match_float64(batch, lens, dtype, head_dim, hq, hkv):
 @pytest.mark.parametrize("tiles,blocks,resident", [(1, 8, 132), (1, 32, 132), (1, 4096, 132), (8, 32, 132),
                                                    (64, 256, 132), (3, 1, 132), (1, 1, 4), (200, 1000, 264)])
 def test_stream_k_workers_bounded_by_the_work(tiles, blocks, resident):
-    w = runtime.stream_k_workers(tiles, blocks, resident)
+    w = P.stream_k_workers(tiles, blocks, resident)
     assert 1 <= w <= resident
-    assert w <= tiles * runtime.MAX_SPLIT  # no lone tile split over every SM
-    assert w <= max(runtime.MIN_WORKERS, tiles * blocks)  # at most one block per worker
+    assert w <= tiles * P.MAX_SPLIT  # no lone tile split over every SM
+    assert w <= max(P.MIN_WORKERS, tiles * blocks)  # at most one block per worker
     if tiles >= resident:
-        assert w == runtime.aligned_workers(tiles, resident)  # plenty of tiles: (nearly) every SM
+        assert w == P.aligned_workers(tiles, resident)  # plenty of tiles: (nearly) every SM
     if tiles == 1:
         assert w <= 3 * math.sqrt(blocks) + 1  # a lone tile: few partials to merge
 
@@ -116,9 +117,13 @@ def test_stream_k_workers_bounded_by_the_work(tiles, blocks, resident):
 @pytest.mark.parametrize("tiles,resident,want", [(8, 132, 128), (64, 132, 128), (256, 132, 128), (1, 132, 132),
                                                  (3, 132, 132), (48, 132, 132), (24, 132, 120), (7, 4, 4)])
 def test_aligned_workers_cut_tiles_evenly_without_idling_many_sms(tiles, resident, want):
-    w = runtime.aligned_workers(tiles, resident)
+    w = P.aligned_workers(tiles, resident)
     assert w == want
-    assert w >= runtime.ALIGN_MIN_FRACTION * resident or w == resident
+    assert w >= P.ALIGN_MIN_FRACTION * resident or w == resident
+
+
+def test_no_tiles_is_not_a_division_by_zero():
+    assert P.aligned_workers(0, 132) == 132 and P.stream_k_workers(0, 0, 1) == 1
 
 
 def test_launcher_sizes_the_workers_from_the_cache_length(monkeypatch):
@@ -132,8 +137,8 @@ def test_launcher_sizes_the_workers_from_the_cache_length(monkeypatch):
     v = torch.randn_like(k)
     lens = torch.tensor([300], dtype=torch.int32)
     info = runtime.library_for(q.device).attention_kernel("float16", 64, 8)
-    _, workers, grid, _ = runtime._prepare_attention(q, 1, runtime.STREAM_K, None, None, k.shape[2])
-    want = runtime.stream_k_workers(1, -(-300 // info.block_size), 132 * info.ctas_per_sm)
+    _, workers, grid, _ = runtime._prepare_attention(q, 1, P.STREAM_K, None, None, k.shape[2])
+    want = P.stream_k_workers(1, -(-300 // info.block_size), 132 * info.ctas_per_sm)
     assert workers == grid == want < 132
     ref_o, ref_lse = decode_attention_reference(q, k, v, [300], 0.125)
     for ctas in (None, 132):

@@ -132,12 +132,39 @@ def test_torch_compile_fullgraph_with_inductor():
     torch.testing.assert_close(compiled(q, k, v, lens_t), step(q, k, v, lens_t), atol=1e-2, rtol=1e-3)
 
 
-def test_lengths_past_the_cache_are_rejected_before_launch():
+def test_lengths_past_the_cache_are_rejected_when_checks_are_asked_for(monkeypatch):
     q, k, v, _ = make(2, 32, 8, 128, [100, 100], F16)
+    long = torch.tensor([101, 3], dtype=torch.int32, device="cuda")
     with pytest.raises(ValueError, match="cache_seqlens"):
-        lean_tvm.decode_attention(q, k, v, torch.tensor([101, 3], dtype=torch.int32, device="cuda"))
+        lean_tvm.decode_attention(q, k, v, long, check_lengths=True)
+    monkeypatch.setenv("LEAN_TVM_CHECK", "1")
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        lean_tvm.decode_attention(q, k, v, long)
+    monkeypatch.delenv("LEAN_TVM_CHECK")
+    clamped = lean_tvm.decode_attention(q, k, v, long)  # unchecked: the kernel clamps to the cache
+    torch.testing.assert_close(clamped, lean_tvm.decode_attention(q, k, v, long.clamp(max=100)), atol=0, rtol=0)
     with pytest.raises(ValueError, match="device"):
         lean_tvm.decode_attention(q, k.cpu(), v.cpu())
+
+
+def test_the_default_call_never_synchronizes():
+    q, k, v, lens = make(3, 32, 8, 128, [4096, 17, 0], F16)
+    out = lean_tvm.decode_attention(q, k, v, lens)  # first call: library, workspace
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call now raises
+    try:
+        for layout_k, layout_v, layout in ((k, v, "bhld"), (k.transpose(1, 2), v.transpose(1, 2), "blhd")):
+            again = lean_tvm.decode_attention(q, layout_k, layout_v, lens, layout=layout)
+            again, lse = lean_tvm.decode_attention(q, layout_k, layout_v, lens, layout=layout, return_lse=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(again, out, atol=0, rtol=0)
+
+
+def test_an_empty_batch_returns_empty_tensors():
+    q, k, v, lens = make(1, 32, 8, 128, [16], F16)
+    o, lse = lean_tvm.decode_attention(q[:0], k[:0], v[:0], lens[:0], return_lse=True)
+    assert o.shape == (0, 32, 128) and lse.shape == (0, 32) and o.device.type == "cuda"
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16])
@@ -165,7 +192,7 @@ def test_paged_decode_matches_tvms_kernel_and_float64():
     scripts/paged_gpu.py, which runs in a process of its own (runtime-only TVM)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.join(RELAX_GPU_DIR, "site"), RELAX_GPU_DIR, REPO, os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "paged_gpu.py"), "--checks-only"],
+    res = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "paged_gpu.py")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     assert "OK paged_gpu" in res.stdout and res.stdout.count("[check]") >= 8

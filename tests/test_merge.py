@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from lean_tvm.merge import make_merge_kernel, merge_many_reference, merge_states, merge_states_reference
+from lean_tvm.merge import merge_many_reference, merge_states, merge_states_reference
 
 NINF = float("-inf")
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -150,10 +150,12 @@ def test_torch_merge_is_deterministic(dtype):
 
 @pytest.fixture(scope="module")
 def merge_kernels():
+    from lean_tvm.compute import make_merge_states
+
     built = {}
     for dtype in TORCH_DTYPES:
         name = f"merge_states_{dtype}_d{KERNEL_D}"
-        built[dtype] = tvm.compile(make_merge_kernel(dtype, KERNEL_D), target="llvm")[name]
+        built[dtype] = tvm.compile(make_merge_states(dtype, KERNEL_D), target="llvm")[name]
     return built
 
 

@@ -1,19 +1,13 @@
-"""scripts/ncu_profile.py's reading of ncu's CSV (no GPU): calls labelled by their markers, stalls ranked."""
-
-import importlib.util
-from pathlib import Path
+"""The ncu profiler's reading of ncu's CSV (no GPU): calls labelled by their markers, stalls ranked."""
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ncu_profile.py"
+from lean_tvm.bench import ncu as ncu_module
 
 
 @pytest.fixture(scope="module")
 def ncu():
-    spec = importlib.util.spec_from_file_location("ncu_profile", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return ncu_module
 
 
 def fake_csv(kernels):

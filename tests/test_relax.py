@@ -14,12 +14,14 @@ from helpers import assert_attention_close
 from lean_tvm.reference import decode_attention_reference
 
 tvm = pytest.importorskip("tvm")
+import paged_cases  # noqa: E402
 from tvm import relax, tirx  # noqa: E402
 from tvm.relax.frontend import nn  # noqa: E402
 from tvm.relax.frontend.nn import spec  # noqa: E402
 
-from lean_tvm import paged, paged_cases  # noqa: E402
 from lean_tvm import relax as lean_relax  # noqa: E402
+from lean_tvm.relax import kv_cache as paged  # noqa: E402
+from lean_tvm.softmax import LSE_TVM, lse_natural_from_tvm  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import llama_relax  # noqa: E402
@@ -262,7 +264,7 @@ def test_llama_forms_agree_and_decode_continues_prefill(llama):
 
 def test_cuda_build_uses_our_pipeline_for_our_kernel_only():
     from lean_tvm import codegen
-    from lean_tvm.attention import make_gpu_kernel
+    from lean_tvm.attention_gpu import make_gpu_kernel
 
     cfg = llama_relax.LlamaConfig(layers=1)
     mod, _ = llama_relax.export(cfg, target_kind="cuda", prefill=False)
@@ -312,11 +314,11 @@ def test_paged_decode_kernel_matches_tvms_own():
         outs[name] = (o, lse)
     torch.testing.assert_close(outs["lean"][0], outs["tvm"][0], atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(outs["lean"][1], outs["tvm"][1], atol=1e-4, rtol=1e-5)  # log2 units, -5e4 if empty
-    assert (outs["lean"][1][1] == paged.PAGED_EMPTY_LSE).all() and (outs["lean"][0][1] == 0).all()
+    assert (outs["lean"][1][1] == LSE_TVM.empty).all() and (outs["lean"][0][1] == 0).all()
     # and against float64 on the gathered caches
     k, v = paged_cases.dense_from_pages(case)
     ref_o, ref_lse = decode_attention_reference(case.q, k, v, lens, 1 / math.sqrt(D))
-    assert_attention_close(outs["lean"][0], paged_cases.lse_natural(outs["lean"][1]), ref_o, ref_lse, torch.float16)
+    assert_attention_close(outs["lean"][0], lse_natural_from_tvm(outs["lean"][1]), ref_o, ref_lse, torch.float16)
 
 
 def test_paged_gpu_kernel_rejects_page_sizes_it_cannot_tile():

@@ -55,8 +55,8 @@ def probe_operator():
     def write_empty(bufs, b):
         bufs.EMPTY[b] = bufs.EMPTY[b] + 1
 
-    return SimpleNamespace(begin_tile=begin_tile, step=step, publish=publish, merge_partials=merge_partials,
-                           write_output=write_output, write_empty=write_empty)
+    return streamk.CpuOperator(begin_tile=begin_tile, step=step, publish=publish, merge_partials=merge_partials,
+                               write_output=write_output, write_empty=write_empty)
 
 
 @pytest.fixture(scope="module", params=[0, 3], ids=["tile_cost0", "tile_cost3"])
@@ -83,8 +83,8 @@ def probe(request):
         log = T.alloc_buffer((MAXC,), "int32")
         cnt = T.alloc_buffer((1,), "int32")
         cnt[0] = 0
-        ctx = T.meta_var(SimpleNamespace(SL=SL, B=B, H=num_heads, LMAX=cache_len, CUM=cum, NW=num_workers,
-                                         SPLITS=num_splits, srch=srch, QR=qr, FLAGS=FLAGS))
+        ctx = T.meta_var(streamk.WalkContext(SL=SL, B=B, H=num_heads, LMAX=cache_len, CUM=cum, NW=num_workers,
+                                             SPLITS=num_splits, srch=srch, QR=qr, FLAGS=FLAGS))
         bufs = T.meta_var(SimpleNamespace(COVER=COVER, PUB=PUB, OUT=OUT, NC=NC, CONTRIB=CONTRIB, EMPTY=EMPTY,
                                           LOG=log, cnt=cnt))
         walk(ctx, op, bufs)

@@ -1,21 +1,21 @@
-"""Issue 11's targets from a results.csv: each target's number and verdict follow the rows."""
+"""The speed targets from a results.csv: each target's number and verdict follow the rows."""
 
 import math
 
-from lean_tvm import bench, targets
+from lean_tvm.bench import grid, report, targets
 
-L4K = bench.uniform(1, 4096, 32, 8)
-L16K = bench.uniform(1, 16384, 32, 8)
-RAGGED = bench.ragged("2x64k+30x512", [65536] * 2 + [512] * 30, hq=64, hkv=8)
+L4K = grid.uniform(1, 4096, 32, 8)
+L16K = grid.uniform(1, 16384, 32, 8)
+RAGGED = grid.ragged("2x64k+30x512", [65536] * 2 + [512] * 30, hq=64, hkv=8)
 
 
-def rows_for(shape, lean, stream, peer, fixed=math.nan, cudnn=math.nan, host=12.0):
-    rows = [bench.shape_row(shape, bench.STREAM, median_us=stream, ok=True),
-            bench.shape_row(shape, "lean", median_us=lean, ok=True, host_us=host, graph_us=3.0),
-            bench.shape_row(shape, "flashinfer", median_us=peer, ok=True),
-            bench.shape_row(shape, "cudnn", median_us=cudnn, ok=True),
-            bench.shape_row(shape, "lean-fixedsplit", median_us=fixed, ok=True)]
-    return rows
+def rows_for(shape, lean, stream, peer, blhd=None, fa3=math.nan, cudnn=math.nan, host=8.0, wrong=()):
+    return [report.shape_row(shape, report.STREAM, median_us=stream, ok=True),
+            report.shape_row(shape, "lean", median_us=lean, ok="lean" not in wrong, host_us=host, graph_us=3.0),
+            report.shape_row(shape, "lean-blhd", median_us=lean if blhd is None else blhd, ok=True),
+            report.shape_row(shape, "flashinfer", median_us=peer, ok=True, host_us=20.0),
+            report.shape_row(shape, "fa3-best", median_us=fa3, ok="fa3-best" not in wrong),
+            report.shape_row(shape, "cudnn", median_us=cudnn, ok=True)]
 
 
 def verdicts(rows):
@@ -23,31 +23,32 @@ def verdicts(rows):
 
 
 def test_targets_met_and_missed_follow_the_numbers():
-    rows = rows_for(L4K, lean=10.0, stream=9.0, peer=15.0) + rows_for(L16K, lean=30.0, stream=25.0, peer=33.0)
-    rows += rows_for(RAGGED, lean=200.0, stream=196.0, peer=360.0, fixed=280.0, cudnn=2800.0)
+    rows = rows_for(L4K, lean=10.0, stream=8.0, peer=15.0) + rows_for(L16K, lean=30.0, stream=25.0, peer=33.0)
+    rows += rows_for(RAGGED, lean=200.0, stream=196.0, peer=360.0, cudnn=2800.0, blhd=210.0)
     v = verdicts(rows)
-    assert v["B1 32/8 L4k within 1.15x of the stream read"] == ("1.11x (10.0 vs 9.0 us)", "met")
-    assert v[">= 1.4x the best peer at B1 L4k"][1] == "met"
-    assert v[">= 1.2x the best peer at B1 L16k"] == ("1.10x (30.0 us vs flashinfer 33.0 us)", "missed")
-    assert v[">= 1.7x the best peer on ragged 64/8"][1] == "met"
-    assert v[">= 5x over padded SDPA on ragged batches"] == ("14.0x-14.0x over 1 shapes", "met")
-    assert v[">= 1.3x over our best fixed split on ragged batches"][1] == "met"
-    big = v[">= 95% of the stream read on every fp16 D128 shape >= 64 MB"]
-    assert big[1] == "missed" and big[0].startswith("1 of 2; lowest 83%")  # L16k (67 MB) at 83%
-    assert v["wall time per call <= 15 us at B1 L4k (no graph, no host sync)"][1] == "met"
-    every = v["at least the best peer on every shape"]
-    assert every[1] == "met" and every[0].startswith("3 of 3")
+    assert v["B1 32/8 L4k within 1.3x of the stream read"] == ("1.25x (10.0 vs 8.0 us)", "met")
+    assert v[">= 1.2x the best peer at L4k (B1 32/8)"][1] == "met"
+    assert v[">= 1.2x the best peer at L16k (B1 32/8)"] == ("1.10x (30.0 us vs flashinfer 33.0 us)", "missed")
+    assert v["at least the best peer on every shape"][1] == "met"
+    assert v[">= 95% of the stream read on every shape >= 64 MB"][0].startswith("1 of 2; lowest 83%")
+    assert v["layout='blhd' within 3% of 'bhld' on every shape"][1] == "missed"  # 210 vs 200 on the ragged row
+    assert v["eager wall time per call <= 10 us at B1 L4k (no graph, no host sync)"][1] == "met"
+    assert "14.0x" in v["ragged batches: speedup over padded SDPA (cuDNN)"][0]
 
 
-def test_a_wrong_peer_output_is_not_the_best_peer():
-    rows = rows_for(L4K, lean=10.0, stream=9.0, peer=5.0)
-    rows[2]["ok"] = False  # flashinfer's 5 us output was wrong: cudnn (NaN) leaves no peer
+def test_fa3_counts_as_a_peer_and_wrong_rows_do_not():
+    rows = rows_for(L4K, lean=10.0, stream=8.0, peer=15.0, fa3=9.0, host=12.0)
     v = verdicts(rows)
-    assert v[">= 1.4x the best peer at B1 L4k"] == ("no peer with a correct output", "n/a")
+    assert v["at least the best peer on every shape"][1] == "missed"  # FA3 9.0 beats lean 10.0
+    assert v["eager wall time per call <= 10 us at B1 L4k (no graph, no host sync)"][1] == "missed"
+    v = verdicts(rows_for(L4K, lean=10.0, stream=8.0, peer=15.0, fa3=9.0, wrong=("fa3-best",)))
+    assert v["at least the best peer on every shape"][1] == "met"  # a wrong FA3 row is no peer
 
 
-def test_cli_writes_targets_md(tmp_path, capsys):
-    bench.write_csv(rows_for(L4K, lean=10.0, stream=9.0, peer=15.0), tmp_path / "results.csv")
+def test_markdown_cli(tmp_path):
+    rows = rows_for(L4K, lean=10.0, stream=8.0, peer=15.0)
+    report.write_csv(rows, tmp_path / "results.csv")
     assert targets.main([str(tmp_path)]) == 0
-    assert "| B1 32/8 L4k within 1.15x of the stream read | 1.11x" in (tmp_path / "targets.md").read_text()
-    assert targets.main([str(tmp_path / "missing")]) == 2
+    text = (tmp_path / "targets.md").read_text()
+    assert text.startswith("# Speed targets") and "| B1 32/8 L4k within 1.3x of the stream read |" in text
+    assert targets.main([str(tmp_path / "nowhere")]) == 2

@@ -137,3 +137,31 @@ def test_scale_defaults_to_inverse_sqrt_head_dim():
     q, k, v = make(head_dim=128)
     torch.testing.assert_close(lean_tvm.decode_attention(q, k, v),
                                lean_tvm.decode_attention(q, k, v, softmax_scale=1 / math.sqrt(128)), atol=0, rtol=0)
+
+
+def test_an_empty_batch_returns_empty_tensors():
+    q, k, v = make()
+    o, lse = lean_tvm.decode_attention(q[:0], k[:0], v[:0], torch.zeros(0, dtype=torch.int32), return_lse=True)
+    assert o.shape == (0, 8, 64) and lse.shape == (0, 8) and o.dtype == q.dtype
+    assert lean_tvm.decode_attention(q[:0].unsqueeze(1), k[:0], v[:0]).shape == (0, 1, 8, 64)
+
+
+def test_default_length_checks_never_wait_for_the_gpu(monkeypatch):
+    """The default checks lengths already on the CPU, never ones on a GPU (that would be a
+    device-to-host copy) unless LEAN_TVM_CHECK=1; True and False are honoured as given."""
+    from lean_tvm import torch_ops
+
+    on_gpu = torch.empty(2, dtype=torch.int32, device="meta")  # stands in for a CUDA tensor
+    on_cpu = torch.zeros(2, dtype=torch.int32)
+    monkeypatch.delenv("LEAN_TVM_CHECK", raising=False)
+    assert torch_ops._checks_lengths(None, on_cpu) and not torch_ops._checks_lengths(None, on_gpu)
+    assert torch_ops._checks_lengths(True, on_gpu) and not torch_ops._checks_lengths(False, on_cpu)
+    monkeypatch.setenv("LEAN_TVM_CHECK", "1")
+    assert torch_ops._checks_lengths(None, on_gpu)
+
+
+def test_unchecked_lengths_past_the_cache_are_clamped():
+    q, k, v = make()
+    long = torch.tensor([500, 3], dtype=torch.int32)
+    o = lean_tvm.decode_attention(q, k, v, long, check_lengths=False)
+    torch.testing.assert_close(o, lean_tvm.decode_attention(q, k, v, long.clamp(max=100)), atol=0, rtol=0)

@@ -1,21 +1,17 @@
-"""Paged-KV-cache inputs and drivers shared by the CPU tests and the GPU check (torch and tvm-ffi
-only: the GPU machine has no TVM compiler).
+"""Test fixtures for TVM's paged KV cache, shared by the CPU tests and the GPU check
+(``scripts/paged_gpu.py``): torch and tvm-ffi only, the GPU machine has no TVM compiler.
 
 * :func:`random_paged_cache` -- a page table with shuffled pages (and pages nobody owns) over
   ``pages [P, 2, Hkv, page_size, D]``, TIRPagedKVCache's layout;
 * :func:`dense_from_pages` -- the same K/V as [B, Hkv, L, D] for the float64 reference;
-* :func:`lse_natural` -- the paged kernels' lse (log2 units, -5e4 when empty) in natural log;
 * :func:`kv_cache_decode` -- TVM's KV cache runtime: add sequences, prefill, one decode step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
-
-PAGED_EMPTY_LSE = -5e4  # TVM's paged kernels' lse for an empty sequence
 
 
 @dataclasses.dataclass
@@ -67,10 +63,6 @@ def dense_from_pages(case: PagedCase) -> tuple[torch.Tensor, torch.Tensor]:
         k[b, :, :n] = case.pages[page, 0, :, rows % ps].transpose(0, 1)
         v[b, :, :n] = case.pages[page, 1, :, rows % ps].transpose(0, 1)
     return k, v
-
-
-def lse_natural(lse_log2: torch.Tensor) -> torch.Tensor:
-    return torch.where(lse_log2 == PAGED_EMPTY_LSE, -math.inf, lse_log2 / math.log2(math.e))
 
 
 def kv_cache_decode(create, lens, qkv_prefill, qkv_decode, hq: int, softmax_scale: float):

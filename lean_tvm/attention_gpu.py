@@ -1,16 +1,16 @@
-"""LeanAttention: decode attention as a stream-K persistent kernel, for CUDA and for the CPU.
+"""Decode attention on the stream-K primitive, CUDA form: per-warp tensor-core steps, a CTA-wide
+state only at piece ends.
 
-One output tile is (sequence b, KV head h) with the G = Hq / Hkv query heads of its group; its
-reduction runs over the KV rows in blocks. The running state per query head is the online
-softmax (m, l, acc) in the log2 domain (scores scaled by ``softmax_scale * log2(e)``, so every
-exponential is one ``exp2``); partial states merge by rescaling to the larger maximum.
+One output tile is (sequence b, KV head h) with the G = Hq / Hkv query heads of its group; the
+running state per query head is the online softmax (m, l, acc) in the log2 domain
+(``softmax.py``). A warp's step over 16 KV rows:
 
-GPU step (per warp, 16 KV rows at a time, tensor cores):
   S^T[kv, head] = K[kv, :] . Q^T        mma.m16n8k16, A = K from shared memory (ldmatrix),
                                         B = Q^T held in registers for the whole tile
   P^T fragment from S^T's accumulator   movmatrix.trans: the C layout of S^T becomes the B
                                         layout of P^T without a trip through shared memory
   O^T[d, head] += V^T[d, kv] . P^T      mma.m16n8k16, A = V^T by ldmatrix.trans
+
 With the heads on the mma's N side (8 wide) the G heads of a GQA group fill it for G <= 8 with
 no padding to 16 rows, and the accumulator is D/16 * 4 registers per lane. K and V reach
 shared memory by cp.async (16-byte chunks, XOR-swizzled so ldmatrix is conflict-free), each
@@ -24,177 +24,21 @@ from types import SimpleNamespace
 import tvm
 from tvm.script import tirx as T
 
+from . import signature as sig
 from . import streamk
-from .spec import AttentionSpec, GpuKnobs, StreamKConfig
+from .softmax import FLT_MAX, LOG2E, LSE_NATURAL, NEG_INF, LseConvention
+from .spec import TRACE_EVENTS, AttentionSpec, GpuKnobs
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-NEG_INF = float("-inf")
-FLT_MAX = 3.4028234663852886e38
-LSE_NATURAL = (LN2, NEG_INF)  # lse output: factor from log2 units, and the value for an empty sequence
 MMA = {
     "float16": "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
     "bfloat16": "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
 }
+# Slots of the loader's int64 address registers ``gaddr`` (and of the per-lane offsets ``goff``).
+K_ROW, V_ROW, K_TILE, V_TILE = range(4)
 
 
-# --------------------------------------------------------------------------------------------
-# CPU form: one state per tile, a block of rows folded at a time.
-# --------------------------------------------------------------------------------------------
-
-
-def _cpu_operator(spec: AttentionSpec, block_size: int):
-    D, dt = spec.head_dim, spec.dtype
-
-    @T.macro
-    def begin_tile(bufs, b, h):
-        for g in range(bufs.G):
-            bufs.m[g] = T.float32(NEG_INF)
-            bufs.l[g] = T.float32(0)
-            for d in range(D):
-                bufs.acc[g * D + d] = T.float32(0)
-
-    @T.macro
-    def step(bufs, b, h, row0, n):
-        rows = T.meta_var(T.min(block_size, n - row0))
-        for g in range(bufs.G):
-            bufs.tmp[0] = T.float32(NEG_INF)
-            for r in range(rows):
-                bufs.tmp[1] = T.float32(0)
-                for d in range(D):
-                    bufs.tmp[1] = bufs.tmp[1] + T.Cast("float32", bufs.Q[b, h * bufs.G + g, d]) * T.Cast(
-                        "float32", bufs.K[b, h, row0 + r, d])
-                bufs.s[r] = bufs.tmp[1] * bufs.scale_log2
-                bufs.tmp[0] = T.max(bufs.tmp[0], bufs.s[r])
-            bufs.tmp[0] = T.max(bufs.tmp[0], bufs.m[g])  # new max (finite: rows >= 1)
-            bufs.tmp[1] = T.exp2(bufs.m[g] - bufs.tmp[0])  # rescale of the old state
-            bufs.l[g] = bufs.l[g] * bufs.tmp[1]
-            for d in range(D):
-                bufs.acc[g * D + d] = bufs.acc[g * D + d] * bufs.tmp[1]
-            for r in range(rows):
-                bufs.s[r] = T.exp2(bufs.s[r] - bufs.tmp[0])
-                bufs.l[g] = bufs.l[g] + bufs.s[r]
-                for d in range(D):
-                    bufs.acc[g * D + d] = bufs.acc[g * D + d] + bufs.s[r] * T.Cast(
-                        "float32", bufs.V[b, h, row0 + r, d])
-            bufs.m[g] = bufs.tmp[0]
-
-    @T.macro
-    def publish(bufs, slot):
-        for g in range(bufs.G):
-            bufs.WSML[slot, 0, g] = bufs.m[g]
-            bufs.WSML[slot, 1, g] = bufs.l[g]
-            for d in range(D):
-                bufs.WSO[slot, g, d] = bufs.acc[g * D + d]
-
-    @T.macro
-    def merge_partials(bufs, top, n, valid):
-        for g in range(bufs.G):
-            bufs.tmp[0] = bufs.m[g]
-            for i in range(n):
-                if valid[i] != 0:
-                    bufs.tmp[0] = T.max(bufs.tmp[0], bufs.WSML[top - i, 0, g])
-            bufs.tmp[1] = T.exp2(bufs.m[g] - bufs.tmp[0])
-            bufs.l[g] = bufs.l[g] * bufs.tmp[1]
-            for d in range(D):
-                bufs.acc[g * D + d] = bufs.acc[g * D + d] * bufs.tmp[1]
-            for i in range(n):
-                if valid[i] != 0:
-                    bufs.tmp[2] = T.exp2(bufs.WSML[top - i, 0, g] - bufs.tmp[0])
-                    bufs.l[g] = bufs.l[g] + bufs.WSML[top - i, 1, g] * bufs.tmp[2]
-                    for d in range(D):
-                        bufs.acc[g * D + d] = bufs.acc[g * D + d] + bufs.WSO[top - i, g, d] * bufs.tmp[2]
-            bufs.m[g] = bufs.tmp[0]
-
-    @T.macro
-    def write_output(bufs, b, h):
-        for g in range(bufs.G):
-            bufs.LSE[b, h * bufs.G + g] = (bufs.m[g] + T.log2(bufs.l[g])) * T.float32(bufs.lse_unit)
-            for d in range(D):
-                bufs.O[b, h * bufs.G + g, d] = T.Cast(dt, bufs.acc[g * D + d] / bufs.l[g])
-
-    @T.macro
-    def write_empty(bufs, b):
-        for hq in range(bufs.HQ):
-            bufs.LSE[b, hq] = T.float32(bufs.lse_empty)
-            for d in range(D):
-                bufs.O[b, hq, d] = T.Cast(dt, T.float32(0))
-
-    return SimpleNamespace(begin_tile=begin_tile, step=step, publish=publish, merge_partials=merge_partials,
-                           write_output=write_output, write_empty=write_empty)
-
-
-def make_cpu_kernel(spec: AttentionSpec, block_size: int = 64, dps: bool = False, tile_cost: int = 0):
-    """The serial stream-K form for ``llvm``: the package's CPU operator and the oracle that
-    checks the plan, the walk and the cross-block merge the GPU kernel shares.
-
-    ``dps=True`` puts the outputs (o, lse) last, after the scalars, as Relax's call_tir wants.
-    ``tile_cost``: the stream-K plan's charge per tile (``plan.stream_k_edges``), as the GPU
-    kernel built from the same schedule record uses."""
-    GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
-    op = _cpu_operator(spec, block_size)
-    cfg = StreamKConfig(block_size=block_size, tile_cost=tile_cost)
-    walk = streamk.cpu_walk(cfg)
-    one, two, d64, g64 = (tvm.tirx.const(x, "int64") for x in (1, 2, D, GM))
-
-    @T.macro
-    def body(q, k, v, seq_lens, o, lse, ws_o, ws_ml, flags, softmax_scale, num_workers, num_splits):
-        B, HQ, HKV, LMAX, WSN = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        sqb, sqh, skb, skh, skl = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        svb, svh, svl = T.int64(), T.int64(), T.int64()
-        Q = T.match_buffer(q, (B, HQ, d64), dt, strides=(sqb, sqh, one))
-        K = T.match_buffer(k, (B, HKV, LMAX, d64), dt, strides=(skb, skh, skl, one))
-        V = T.match_buffer(v, (B, HKV, LMAX, d64), dt, strides=(svb, svh, svl, one))
-        SL = T.match_buffer(seq_lens, (B,), "int32")
-        O = T.match_buffer(o, (B, HQ, d64), dt)
-        LSE = T.match_buffer(lse, (B, HQ), "float32")
-        WSO = T.match_buffer(ws_o, (WSN, g64, d64), "float32")
-        WSML = T.match_buffer(ws_ml, (WSN, two, g64), "float32")
-        FLAGS = T.match_buffer(flags, (WSN,), "int32")
-        cum = T.alloc_buffer((B + one,), "int32")
-        srch = T.alloc_buffer((2,), "int32")
-        m = T.alloc_buffer((GM,), "float32")
-        l_ = T.alloc_buffer((GM,), "float32")
-        acc = T.alloc_buffer((GM * D,), "float32")
-        s = T.alloc_buffer((block_size,), "float32")
-        tmp = T.alloc_buffer((3,), "float32")
-        qr = T.alloc_buffer((streamk.qr_len(cfg),), "int32")
-        nh = T.meta_var(T.Cast("int32", HKV))
-        ctx = T.meta_var(SimpleNamespace(SL=SL, B=T.Cast("int32", B), H=nh, LMAX=T.Cast("int32", LMAX),
-                                         CUM=cum, NW=num_workers, SPLITS=num_splits, srch=srch, QR=qr,
-                                         FLAGS=FLAGS))
-        bufs = T.meta_var(SimpleNamespace(Q=Q, K=K, V=V, O=O, LSE=LSE, WSO=WSO, WSML=WSML,
-                                          HQ=T.Cast("int32", HQ), G=T.truncdiv(T.Cast("int32", HQ), nh),
-                                          m=m, l=l_, acc=acc, s=s, tmp=tmp,
-                                          scale_log2=softmax_scale * T.float32(LOG2E),
-                                          lse_unit=LSE_NATURAL[0], lse_empty=LSE_NATURAL[1]))
-        walk(ctx, op, bufs)
-
-    if dps:
-        @T.prim_func(s_tir=True)
-        def lean_attention(q: T.handle, k: T.handle, v: T.handle, seq_lens: T.handle, ws_o: T.handle,
-                           ws_ml: T.handle, flags: T.handle, softmax_scale: T.float32, num_workers: T.int32,
-                           num_splits: T.int32, grid: T.int32, o: T.handle, lse: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            body(q, k, v, seq_lens, o, lse, ws_o, ws_ml, flags, softmax_scale, num_workers, num_splits)
-    else:
-        @T.prim_func(s_tir=True)
-        def lean_attention(q: T.handle, k: T.handle, v: T.handle, seq_lens: T.handle, o: T.handle,
-                           lse: T.handle, ws_o: T.handle, ws_ml: T.handle, flags: T.handle,
-                           softmax_scale: T.float32, num_workers: T.int32, num_splits: T.int32,
-                           grid: T.int32):
-            T.func_attr({"tirx.noalias": True})
-            body(q, k, v, seq_lens, o, lse, ws_o, ws_ml, flags, softmax_scale, num_workers, num_splits)
-
-    return lean_attention.with_attr("global_symbol", spec.name + "_cpu")
-
-
-# --------------------------------------------------------------------------------------------
-# GPU form: per-warp tensor-core steps, a CTA-wide state only at piece ends.
-# --------------------------------------------------------------------------------------------
-
-
-def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
+def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs) -> tuple[streamk.GpuOperator, dict]:
+    """The macros (see ``streamk.GpuOperator``) and the fragment sizes the kernel allocates."""
     GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
     RW, NWARP, S, NT = knobs.rows_per_warp, knobs.num_warps, knobs.stages, 32 * knobs.num_warps
     KS = D // 16  # k-steps of Q.K^T; d-tiles of the output
@@ -242,8 +86,8 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
         for u in T.unroll(CPL):
             r = T.meta_var(u * RPU + T.truncdiv(lane, CH))
             bufs.soff[u] = r * D + T.bitwise_xor(T.truncmod(lane, CH), T.bitwise_and(r, 7)) * 8
-        bufs.goff[0] = T.Cast("int64", T.truncdiv(lane, CH)) * bufs.skl + T.Cast("int64", T.truncmod(lane, CH) * 8)
-        bufs.goff[1] = T.Cast("int64", T.truncdiv(lane, CH)) * bufs.svl + T.Cast("int64", T.truncmod(lane, CH) * 8)
+        bufs.goff[K_ROW] = T.Cast("int64", T.truncdiv(lane, CH)) * bufs.skl + T.Cast("int64", T.truncmod(lane, CH) * 8)
+        bufs.goff[V_ROW] = T.Cast("int64", T.truncdiv(lane, CH)) * bufs.svl + T.Cast("int64", T.truncmod(lane, CH) * 8)
 
     @T.macro
     def load(bufs, stage, b, h, row0, n):
@@ -259,15 +103,15 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
         for u in T.unroll(CPL):
             ok = T.meta_var(u * RPU < bufs.left[0])
             pick = T.meta_var(T.Cast("int64", ok))  # the address by arithmetic, not a branch per chunk
+            k_src = T.meta_var(bufs.gaddr[K_ROW] + T.Cast("int64", u * RPU) * bufs.skl)
+            v_src = T.meta_var(bufs.gaddr[V_ROW] + T.Cast("int64", u * RPU) * bufs.svl)
             T.ptx["cp.async.cg.shared.global"](
                 T.address_of(bufs.RING[sbase + bufs.soff[u]]),
-                T.address_of(bufs.KF[bufs.gaddr[2] + pick * (bufs.gaddr[0] + T.Cast("int64", u * RPU) * bufs.skl
-                                                              - bufs.gaddr[2])]),
+                T.address_of(bufs.KF[bufs.gaddr[K_TILE] + pick * (k_src - bufs.gaddr[K_TILE])]),
                 16, T.Select(ok, T.uint32(16), T.uint32(0)))
             T.ptx["cp.async.cg.shared.global"](
                 T.address_of(bufs.RING[sbase + RW * D + bufs.soff[u]]),
-                T.address_of(bufs.VF[bufs.gaddr[3] + pick * (bufs.gaddr[1] + T.Cast("int64", u * RPU) * bufs.svl
-                                                              - bufs.gaddr[3])]),
+                T.address_of(bufs.VF[bufs.gaddr[V_TILE] + pick * (v_src - bufs.gaddr[V_TILE])]),
                 16, T.Select(ok, T.uint32(16), T.uint32(0)))
 
     @T.macro
@@ -300,27 +144,27 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
         # Online softmax per head column (this lane's heads 2t, 2t+1 of each head tile).
         for nn in T.unroll(NN):
             for j in T.unroll(2):
-                bufs.red[0] = ninf
+                bufs.m_new[0] = ninf
                 for mt in T.unroll(NM):
                     for i2 in T.unroll(2):
-                        bufs.red[0] = T.max(bufs.red[0], bufs.sc[(mt * NN + nn) * 4 + j + 2 * i2])
+                        bufs.m_new[0] = T.max(bufs.m_new[0], bufs.sc[(mt * NN + nn) * 4 + j + 2 * i2])
                 for o in T.unroll(3):
-                    bufs.red[1] = T.tvm_warp_shuffle_xor(full, bufs.red[0], 4 << o, 32, 32)
-                    bufs.red[0] = T.max(bufs.red[0], bufs.red[1])
-                bufs.red[0] = T.max(bufs.red[0], bufs.mrow[nn * 2 + j])  # new max
-                bufs.red[1] = T.max(bufs.red[0], T.float32(-FLT_MAX))  # finite: exp2(-inf - it) = 0
-                bufs.red[2] = T.exp2(bufs.mrow[nn * 2 + j] - bufs.red[1])  # rescale
-                bufs.mrow[nn * 2 + j] = bufs.red[0]
-                bufs.lrow[nn * 2 + j] = bufs.lrow[nn * 2 + j] * bufs.red[2]
-                if bufs.red[2] != T.float32(1):  # lazy: past the first blocks the max rarely moves
+                    bufs.shfl[0] = T.tvm_warp_shuffle_xor(full, bufs.m_new[0], 4 << o, 32, 32)
+                    bufs.m_new[0] = T.max(bufs.m_new[0], bufs.shfl[0])
+                bufs.m_new[0] = T.max(bufs.m_new[0], bufs.mrow[nn * 2 + j])
+                bufs.m_safe[0] = T.max(bufs.m_new[0], T.float32(-FLT_MAX))  # finite: exp2(-inf - it) = 0
+                bufs.alpha[0] = T.exp2(bufs.mrow[nn * 2 + j] - bufs.m_safe[0])  # rescale of the old state
+                bufs.mrow[nn * 2 + j] = bufs.m_new[0]
+                bufs.lrow[nn * 2 + j] = bufs.lrow[nn * 2 + j] * bufs.alpha[0]
+                if bufs.alpha[0] != T.float32(1):  # lazy: past the first blocks the max rarely moves
                     for kk in T.unroll(KS):
                         for i2 in T.unroll(2):
                             x = T.meta_var((nn * KS + kk) * 4 + j + 2 * i2)
-                            bufs.acc[x] = bufs.acc[x] * bufs.red[2]
+                            bufs.acc[x] = bufs.acc[x] * bufs.alpha[0]
                 for mt in T.unroll(NM):
                     for i2 in T.unroll(2):
                         x = T.meta_var((mt * NN + nn) * 4 + j + 2 * i2)
-                        bufs.sc[x] = T.exp2(bufs.sc[x] - bufs.red[1])
+                        bufs.sc[x] = T.exp2(bufs.sc[x] - bufs.m_safe[0])
                         bufs.lrow[nn * 2 + j] = bufs.lrow[nn * 2 + j] + bufs.sc[x]
         # P^T as the B operand: pack to 16 bits, transpose each 8x8 with movmatrix.
         for x in T.unroll(NM * NN * 4):
@@ -349,8 +193,8 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
         g, t = T.meta_var(T.truncdiv(lane, 4)), T.meta_var(T.truncmod(lane, 4))
         for x in T.unroll(NN * 2):
             for o in T.unroll(3):
-                bufs.red[1] = T.tvm_warp_shuffle_xor(full, bufs.lrow[x], 4 << o, 32, 32)
-                bufs.lrow[x] = bufs.lrow[x] + bufs.red[1]
+                bufs.shfl[0] = T.tvm_warp_shuffle_xor(full, bufs.lrow[x], 4 << o, 32, 32)
+                bufs.lrow[x] = bufs.lrow[x] + bufs.shfl[0]
         for nn in T.unroll(NN):
             for j in T.unroll(2):
                 head = T.meta_var(nn * 8 + 2 * t + j)
@@ -370,18 +214,18 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
             x = T.meta_var((e * NT + tx) * 4)  # first element (head x // D, d x % D) of the quad
             hw = T.meta_var(T.truncdiv(x, D))
             if x < bufs.G * D:
-                bufs.red[0] = ninf
+                bufs.m_new[0] = ninf
                 for w in T.unroll(NWARP):
-                    bufs.red[0] = T.max(bufs.red[0], bufs.MW[w * bufs.G + hw])
+                    bufs.m_new[0] = T.max(bufs.m_new[0], bufs.MW[w * bufs.G + hw])
                 bufs.el[e] = T.float32(0)
                 for j in T.unroll(4):
                     bufs.eo[e * 4 + j] = T.float32(0)
                 for w in T.unroll(NWARP):
-                    bufs.red[1] = T.exp2(bufs.MW[w * bufs.G + hw] - bufs.red[0])
-                    bufs.el[e] = bufs.el[e] + bufs.LW[w * bufs.G + hw] * bufs.red[1]
+                    bufs.beta[0] = T.exp2(bufs.MW[w * bufs.G + hw] - bufs.m_new[0])  # warp w's weight
+                    bufs.el[e] = bufs.el[e] + bufs.LW[w * bufs.G + hw] * bufs.beta[0]
                     for j in T.unroll(4):
-                        bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] + bufs.ACCW[w * bufs.G * D + x + j] * bufs.red[1]
-                bufs.em[e] = bufs.red[0]
+                        bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] + bufs.ACCW[w * bufs.G * D + x + j] * bufs.beta[0]
+                bufs.em[e] = bufs.m_new[0]
 
     @T.macro
     def publish(bufs, slot):
@@ -398,14 +242,14 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
     def fold(bufs, e, m, l, w, w0):
         """(em, el, eo)[e] <- their merge with the state (m, l, w[w0:w0 + 4]); either may be empty
         (m = -inf: the rescale is taken against 0 so no inf - inf appears)."""
-        bufs.red[0] = T.max(bufs.em[e], m)
-        bufs.red[1] = T.max(bufs.red[0], T.float32(-FLT_MAX))  # finite: exp2(-inf - it) = 0
-        bufs.red[2] = T.exp2(m - bufs.red[1])
-        bufs.red[1] = T.exp2(bufs.em[e] - bufs.red[1])
-        bufs.el[e] = bufs.el[e] * bufs.red[1] + l * bufs.red[2]
+        bufs.m_new[0] = T.max(bufs.em[e], m)
+        bufs.m_safe[0] = T.max(bufs.m_new[0], T.float32(-FLT_MAX))  # finite: exp2(-inf - it) = 0
+        bufs.beta[0] = T.exp2(m - bufs.m_safe[0])
+        bufs.alpha[0] = T.exp2(bufs.em[e] - bufs.m_safe[0])
+        bufs.el[e] = bufs.el[e] * bufs.alpha[0] + l * bufs.beta[0]
         for j in T.unroll(4):
-            bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] * bufs.red[1] + w[w0 + j] * bufs.red[2]
-        bufs.em[e] = bufs.red[0]
+            bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] * bufs.alpha[0] + w[w0 + j] * bufs.beta[0]
+        bufs.em[e] = bufs.m_new[0]
 
     @T.macro
     def merge_some(bufs, e, x, top, n, valid, groups, grp):
@@ -436,20 +280,20 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                     bufs.w4[u * 4 + j] = T.max(T.min(bufs.w4[u * 4 + j], T.max(hi, T.float32(0))),
                                                T.min(-hi, T.float32(0)))
             # The batch maximum needs every m: all CU loads are issued before any use.
-            bufs.red[0] = bufs.em[e]
+            bufs.m_new[0] = bufs.em[e]
             for u in T.unroll(CU):
-                bufs.red[0] = T.max(bufs.red[0], bufs.mc[u])
-            bufs.red[1] = T.max(bufs.red[0], T.float32(-FLT_MAX))  # finite: exp2(-inf - it) = 0
-            bufs.red[2] = T.exp2(bufs.em[e] - bufs.red[1])
-            bufs.el[e] = bufs.el[e] * bufs.red[2]
+                bufs.m_new[0] = T.max(bufs.m_new[0], bufs.mc[u])
+            bufs.m_safe[0] = T.max(bufs.m_new[0], T.float32(-FLT_MAX))  # finite: exp2(-inf - it) = 0
+            bufs.alpha[0] = T.exp2(bufs.em[e] - bufs.m_safe[0])
+            bufs.el[e] = bufs.el[e] * bufs.alpha[0]
             for j in T.unroll(4):
-                bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] * bufs.red[2]
+                bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] * bufs.alpha[0]
             for u in T.unroll(CU):
-                bufs.mc[u] = T.exp2(bufs.mc[u] - bufs.red[1])
+                bufs.mc[u] = T.exp2(bufs.mc[u] - bufs.m_safe[0])
                 bufs.el[e] = bufs.el[e] + bufs.lc[u] * bufs.mc[u]
                 for j in T.unroll(4):
                     bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] + bufs.w4[u * 4 + j] * bufs.mc[u]
-            bufs.em[e] = bufs.red[0]
+            bufs.em[e] = bufs.m_new[0]
 
     @T.macro
     def merge_partials(bufs, top, n, valid):
@@ -509,32 +353,33 @@ def _gpu_operator(spec: AttentionSpec, knobs: GpuKnobs):
                 if T.truncmod(k * NT + bufs.tx, D) == 0:
                     bufs.LSE[b, T.truncdiv(k * NT + bufs.tx, D)] = T.float32(bufs.lse_empty)
 
-    return SimpleNamespace(setup=setup, begin_tile=begin_tile, load=load, compute=compute, combine=combine,
-                           publish=publish, merge_partials=merge_partials, write_output=write_output,
-                           write_empty=write_empty, sizes=dict(KS=KS, NM=NM, NN=NN, E=E, CU=CU, CPL=CPL))
+    op = streamk.GpuOperator(setup=setup, begin_tile=begin_tile, load=load, compute=compute, combine=combine,
+                             publish=publish, merge_partials=merge_partials, write_output=write_output,
+                             write_empty=write_empty)
+    return op, dict(KS=KS, NM=NM, NN=NN, E=E, CU=CU, CPL=CPL)
 
 
 @T.macro
 def dense_rows(bufs, b, h, rbase):
-    """K/V as strided [B, Hkv, L, D] tensors: gaddr = the lane's first K and V chunks of rows
-    rbase.. of tile (b, h), then row 0 of the tile (always valid: the zero-fill source)."""
-    bufs.gaddr[2] = T.Cast("int64", b) * bufs.skb + T.Cast("int64", h) * bufs.skh
-    bufs.gaddr[3] = T.Cast("int64", b) * bufs.svb + T.Cast("int64", h) * bufs.svh
-    bufs.gaddr[0] = bufs.gaddr[2] + T.Cast("int64", rbase) * bufs.skl + bufs.goff[0]
-    bufs.gaddr[1] = bufs.gaddr[3] + T.Cast("int64", rbase) * bufs.svl + bufs.goff[1]
+    """K/V as strided [B, Hkv, L, D] tensors: gaddr[K_ROW], gaddr[V_ROW] = the lane's first K and V
+    chunks of rows rbase.. of tile (b, h); gaddr[K_TILE], gaddr[V_TILE] = row 0 of the tile (always
+    valid: the zero-fill source)."""
+    bufs.gaddr[K_TILE] = T.Cast("int64", b) * bufs.skb + T.Cast("int64", h) * bufs.skh
+    bufs.gaddr[V_TILE] = T.Cast("int64", b) * bufs.svb + T.Cast("int64", h) * bufs.svh
+    bufs.gaddr[K_ROW] = bufs.gaddr[K_TILE] + T.Cast("int64", rbase) * bufs.skl + bufs.goff[K_ROW]
+    bufs.gaddr[V_ROW] = bufs.gaddr[V_TILE] + T.Cast("int64", rbase) * bufs.svl + bufs.goff[V_ROW]
 
 
-def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse=LSE_NATURAL):
+def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse: LseConvention = LSE_NATURAL):
     """The persistent kernel's body for any K/V addressing. ``src`` holds the inputs: QW (q as
     32-bit words) with strides sqb, sqh; KF, VF (flat K and V) with strides skb, skh, skl, svb,
     svh, svl (skl, svl: between rows of one warp's slice); SL (lengths, indexable), B, HQ, HKV,
-    LMAX (int32); ``rows``, a macro like :func:`dense_rows`; and any buffers ``rows`` reads.
-    ``lse`` = (factor from log2 units, value for an empty sequence) of the lse output."""
+    LMAX (int32); ``rows``, a macro like :func:`dense_rows`; and any buffers ``rows`` reads."""
     GM, D = spec.max_group, spec.head_dim
     cfg = knobs.streamk_config()
     NWARP, NT = knobs.num_warps, cfg.num_threads
-    op = _gpu_operator(spec, knobs)
-    KS, NM, NN, E, CU = (op.sizes[k] for k in ("KS", "NM", "NN", "E", "CU"))
+    op, sizes = gpu_operator(spec, knobs)
+    KS, NM, NN, E, CU = (sizes[k] for k in ("KS", "NM", "NN", "E", "CU"))
     walk = streamk.gpu_walk(cfg)
     ring_elems = NWARP * knobs.stages * 2 * knobs.rows_per_warp * D
 
@@ -547,8 +392,8 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse=LSE_NATURAL):
         ring = T.alloc_buffer((ring_elems + NWARP * GM * D * 2,), "uint16", scope="shared.dyn")
         accw = T.decl_buffer((NWARP * GM * D,), "float32", data=ring.data, elem_offset=ring_elems // 2,
                              scope="shared.dyn")
-        mw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
-        lw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")
+        mw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")  # the warps' m per head
+        lw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")  # ... and l
         cum = T.alloc_buffer((cfg.max_batch + 1,), "int32", scope="shared")
         lens = T.alloc_buffer((cfg.max_batch,), "int32", scope="shared")
         wsum = T.alloc_buffer((NWARP,), "int32", scope="shared")
@@ -556,38 +401,42 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse=LSE_NATURAL):
         srch = T.alloc_buffer((2,), "int32", scope="local")
         seen = T.alloc_buffer((1,), "int32", scope="local")
         qr = T.alloc_buffer((streamk.qr_len(cfg),), "int32", scope="local")
-        left = T.alloc_buffer((1,), "int32", scope="local")
-        qw = T.alloc_buffer((NN * KS * 2,), "uint32", scope="local")
-        soff = T.alloc_buffer((op.sizes["CPL"],), "int32", scope="local")
-        goff = T.alloc_buffer((2,), "int64", scope="local")
-        gaddr = T.alloc_buffer((4,), "int64", scope="local")
-        acc = T.alloc_buffer((NN * KS * 4,), "float32", scope="local")
-        mrow = T.alloc_buffer((NN * 2,), "float32", scope="local")
-        lrow = T.alloc_buffer((NN * 2,), "float32", scope="local")
-        sc = T.alloc_buffer((NM * NN * 4,), "float32", scope="local")
-        ph = T.alloc_buffer((NM * NN * 4,), spec.dtype, scope="local")
+        left = T.alloc_buffer((1,), "int32", scope="local")  # rows of the block left from the lane's first
+        qw = T.alloc_buffer((NN * KS * 2,), "uint32", scope="local")  # Q^T fragments (mma B operand)
+        soff = T.alloc_buffer((sizes["CPL"],), "int32", scope="local")  # the lane's chunks in a ring stage
+        goff = T.alloc_buffer((2,), "int64", scope="local")  # ... and in a block of K, V rows
+        gaddr = T.alloc_buffer((4,), "int64", scope="local")  # K_ROW, V_ROW, K_TILE, V_TILE
+        acc = T.alloc_buffer((NN * KS * 4,), "float32", scope="local")  # O^T accumulator
+        mrow = T.alloc_buffer((NN * 2,), "float32", scope="local")  # running max of the lane's heads
+        lrow = T.alloc_buffer((NN * 2,), "float32", scope="local")  # running sum
+        sc = T.alloc_buffer((NM * NN * 4,), "float32", scope="local")  # S^T of one step
+        ph = T.alloc_buffer((NM * NN * 4,), spec.dtype, scope="local")  # P^T, 16-bit
         pw = T.decl_buffer((NM * NN * 2,), "uint32", data=ph.data, scope="local")
-        pb = T.alloc_buffer((NM * NN * 2,), "uint32", scope="local")
-        af = T.alloc_buffer((4,), "uint32", scope="local")
-        red = T.alloc_buffer((3,), "float32", scope="local")
-        eo = T.alloc_buffer((E * 4,), "float32", scope="local")
+        pb = T.alloc_buffer((NM * NN * 2,), "uint32", scope="local")  # P^T as the mma B operand
+        af = T.alloc_buffer((4,), "uint32", scope="local")  # an A fragment (K or V^T)
+        m_new = T.alloc_buffer((1,), "float32", scope="local")  # a state's new maximum
+        m_safe = T.alloc_buffer((1,), "float32", scope="local")  # ... made finite
+        alpha = T.alloc_buffer((1,), "float32", scope="local")  # rescale of the state being folded into
+        beta = T.alloc_buffer((1,), "float32", scope="local")  # weight of the state folded in
+        shfl = T.alloc_buffer((1,), "float32", scope="local")  # a warp shuffle's result
+        eo = T.alloc_buffer((E * 4,), "float32", scope="local")  # the CTA state's quads (4 d of a head)
         em = T.alloc_buffer((E,), "float32", scope="local")
         el = T.alloc_buffer((E,), "float32", scope="local")
-        w4 = T.alloc_buffer((CU * 4,), "float32", scope="local")
+        w4 = T.alloc_buffer((CU * 4,), "float32", scope="local")  # a batch of partials being merged
         mc = T.alloc_buffer((CU,), "float32", scope="local")
         lc = T.alloc_buffer((CU,), "float32", scope="local")
         ok = T.alloc_buffer((CU,), "int32", scope="local")
         lane, warp = T.meta_var(T.truncmod(tx, 32)), T.meta_var(T.truncdiv(tx, 32))
-        ctx = T.meta_var(SimpleNamespace(
+        ctx = T.meta_var(streamk.WalkContext(
             SL=src.SL, LENS=lens, B=src.B, H=src.HKV, LMAX=src.LMAX, CUM=cum, NW=num_workers, SPLITS=num_splits,
             srch=srch, QR=qr, FLAGS=FLAGS, seen=seen, WSUM=wsum, VALID=valid, tx=tx, lane=lane, warp=warp, bx=bx,
             grid=grid, TRACE=TRACE))
         bufs = T.meta_var(SimpleNamespace(
             **vars(src), O=O, LSE=LSE, WSO=WSO, WSML=WSML, G=T.truncdiv(src.HQ, src.HKV), soff=soff, goff=goff,
             gaddr=gaddr, left=left, RING=ring, ACCW=accw, MW=mw, LW=lw, qw=qw, acc=acc, mrow=mrow,
-            lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, red=red, eo=eo, em=em, el=el, w4=w4, mc=mc, lc=lc,
-            ok=ok, tx=tx, lane=lane, warp=warp, scale_log2=softmax_scale * T.float32(LOG2E), lse_unit=lse[0],
-            lse_empty=lse[1]))
+            lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, m_new=m_new, m_safe=m_safe, alpha=alpha, beta=beta,
+            shfl=shfl, eo=eo, em=em, el=el, w4=w4, mc=mc, lc=lc, ok=ok, tx=tx, lane=lane, warp=warp,
+            scale_log2=softmax_scale * T.float32(LOG2E), lse_unit=lse.unit, lse_empty=lse.empty))
         walk(ctx, op, bufs)
 
     return kernel
@@ -595,21 +444,20 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse=LSE_NATURAL):
 
 def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs | None = None, name: str | None = None,
                     trace: bool = False, dps: bool = False):
-    """The persistent CUDA kernel over strided K/V tensors: grid = ``grid`` CTAs walking
+    """The persistent CUDA kernel over strided [B, Hkv, L, D] K/V: grid = ``grid`` CTAs walking
     ``num_workers`` planned ranges.
 
     ``trace=True`` builds the debug variant with one more argument, ``trace: uint64[grid,
-    len(streamk.TRACE_EVENTS)]``, filled with %globaltimer stamps of each CTA's phases.
+    len(spec.TRACE_EVENTS)]``, filled with %globaltimer stamps of each CTA's phases.
     ``dps=True`` puts the outputs (o, lse) last, after the scalars, as Relax's call_tir wants."""
     GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
-    knobs = knobs or GpuKnobs()
-    kernel = gpu_kernel_macro(spec, knobs)
+    kernel = gpu_kernel_macro(spec, knobs or GpuKnobs())
     one, two, d64, g64 = (tvm.tirx.const(x, "int64") for x in (1, 2, D, GM))
-    n_events = len(streamk.TRACE_EVENTS)
+    n_events = len(TRACE_EVENTS)
 
     @T.macro
     def body(q, k, v, seq_lens, o, lse, ws_o, ws_ml, flags, softmax_scale, num_workers, num_splits, grid,
-             TRACE):
+             trace_buf):
         B, HQ, HKV, LMAX, WSN = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         sqb, sqh, skb, skh, skl = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         svb, svh, svl = T.int64(), T.int64(), T.int64()
@@ -622,6 +470,7 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs | None = None, name: st
         WSO = T.match_buffer(ws_o, (WSN, g64, d64), "float32")
         WSML = T.match_buffer(ws_ml, (WSN, two, g64), "float32")
         FLAGS = T.match_buffer(flags, (WSN,), "int32")
+        TRACE = T.meta_var(T.match_buffer(trace_buf, (grid, n_events), "uint64") if trace_buf is not None else None)
         # Flat views for address arithmetic done once per step (Q as 32-bit words).
         KF = T.decl_buffer((skb * B,), dt, data=K.data)
         VF = T.decl_buffer((svb * B,), dt, data=V.data)
@@ -632,32 +481,10 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs | None = None, name: st
             rows=dense_rows))
         kernel(src, O, LSE, WSO, WSML, FLAGS, softmax_scale, num_workers, num_splits, grid, TRACE)
 
-    if dps:
-        @T.prim_func(s_tir=True)
-        def lean_attention(q: T.handle, k: T.handle, v: T.handle, seq_lens: T.handle, ws_o: T.handle,
-                           ws_ml: T.handle, flags: T.handle, softmax_scale: T.float32, num_workers: T.int32,
-                           num_splits: T.int32, grid: T.int32, o: T.handle, lse: T.handle):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            body(q, k, v, seq_lens, o, lse, ws_o, ws_ml, flags, softmax_scale, num_workers, num_splits,
-                 grid, None)
-    elif trace:
-        @T.prim_func(s_tir=True)
-        def lean_attention(q: T.handle, k: T.handle, v: T.handle, seq_lens: T.handle, o: T.handle,
-                           lse: T.handle, ws_o: T.handle, ws_ml: T.handle, flags: T.handle,
-                           softmax_scale: T.float32, num_workers: T.int32, num_splits: T.int32,
-                           grid: T.int32, trace_buf: T.handle):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            TRACE = T.match_buffer(trace_buf, (grid, n_events), "uint64")
-            body(q, k, v, seq_lens, o, lse, ws_o, ws_ml, flags, softmax_scale, num_workers, num_splits,
-                 grid, TRACE)
-    else:
-        @T.prim_func(s_tir=True)
-        def lean_attention(q: T.handle, k: T.handle, v: T.handle, seq_lens: T.handle, o: T.handle,
-                           lse: T.handle, ws_o: T.handle, ws_ml: T.handle, flags: T.handle,
-                           softmax_scale: T.float32, num_workers: T.int32, num_splits: T.int32,
-                           grid: T.int32):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            body(q, k, v, seq_lens, o, lse, ws_o, ws_ml, flags, softmax_scale, num_workers, num_splits,
-                 grid, None)
-
-    return lean_attention.with_attr("global_symbol", name or spec.name)
+    params = list(sig.outputs_last(sig.ATTENTION_PARAMS, sig.ATTENTION_OUTPUTS) if dps else sig.ATTENTION_PARAMS)
+    if trace:
+        params.append(sig.Param("trace_buf"))
+    return sig.prim_func(name or spec.name, params, body,
+                         ["q", "k", "v", "seq_lens", "o", "lse", "ws_o", "ws_ml", "flags", "softmax_scale",
+                          "num_workers", "num_splits", "grid", "trace_buf" if trace else None],
+                         {"tirx.noalias": True, "tirx.is_scheduled": True})

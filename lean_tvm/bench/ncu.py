@@ -1,6 +1,6 @@
 """Nsight Compute metrics of one cold-L2 call per system and shape: DRAM throughput and stall reasons.
 
-Issue 11 asks why a target is missed in ncu's terms. This runs itself under ``ncu`` (child
+Why a speed target is missed, in ncu's terms. This runs itself under ``ncu`` (child
 mode: each system is warmed up, then exactly one call sits between cudaProfilerStart/Stop, so
 every kernel that call launches is profiled -- FlashInfer's merge kernel and cuDNN's kernels
 included; a one-cycle ``torch.cuda._sleep`` kernel marks where each call starts), then reads
@@ -9,9 +9,9 @@ date) to --out:
 per kernel the duration, DRAM throughput (% of peak and bytes), and the warp-stall reasons that
 take the largest share of issue slots.
 
-    python scripts/ncu_profile.py --shapes 'B1 32/8 D128 fp16 L4k$' --only lean,flashinfer --out DIR
+    python -m lean_tvm.bench.ncu --shapes 'B1 32/8 D128 fp16 L4k$' --only lean,flashinfer --out DIR
 
-The systems and shapes are those of ``lean_tvm.bench`` (``--list`` there); the streaming read
+The systems and shapes are those of the suite (``python -m lean_tvm.bench --list --full``); the streaming read
 of the same bytes is always profiled as the reference. ncu keeps the boost clocks
 (--clock-control none) and flushes the caches before every replay pass (--cache-control all).
 """
@@ -23,7 +23,6 @@ import csv
 import datetime
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -47,24 +46,28 @@ def child(args) -> None:
     """Runs under ncu: one profiled call per (shape, system)."""
     import torch
 
-    from lean_tvm import bench, runtime, timing
+    from lean_tvm import runtime
+
+    from . import suite, timing
+    from . import systems as sy
+    from .grid import full_grid, select_shapes
 
     dev = torch.device("cuda")
-    grid = bench.select_shapes(bench.full_grid(), args.shapes)
-    systems = bench.parse_systems(args.only)
-    b = bench.Bench(dev, systems, reps=1, seed=args.seed)
+    grid = select_shapes(full_grid(), args.shapes)
+    systems = suite.parse_systems(args.only)
+    b = suite.Bench(dev, systems, reps=1, rounds=1, seed=args.seed)
     cudart = torch.cuda.cudart()
     order = []
     for shape in grid:
-        case = bench.make_case(shape, dev, args.seed)
-        runners = {bench.STREAM: bench.stream_runner(case, b.sink, b.sms * 4)}
+        case = sy.make_case(shape, dev, args.seed)
+        runners = {suite.STREAM: sy.stream_runner(case, b.lib, b.sink, b.sms * 4)}
         paged = None
         for system in systems:
             try:
                 paged = b.paged_for(system, case, paged)
                 runners[system] = b.runner(system, case, paged)
-            except bench.Unsupported as e:
-                print(f"[ncu_profile] {shape.name} {system}: skipped ({e})", flush=True)
+            except sy.Unsupported as e:
+                print(f"[lean_tvm.bench.ncu] {shape.name} {system}: skipped ({e})", flush=True)
         for system, runner in runners.items():
             with runner.context():
                 for _ in range(3):
@@ -76,16 +79,16 @@ def child(args) -> None:
                 torch.cuda.synchronize()
                 cudart.cudaProfilerStop()
             order.append(f"{shape.name} | {system}")
-            print(f"[ncu_profile] {shape.name} {system}: profiled", flush=True)
+            print(f"[lean_tvm.bench.ncu] {shape.name} {system}: profiled", flush=True)
         del case, paged, runners
         torch.cuda.empty_cache()
     Path(args.order).write_text("\n".join(order) + "\n")
     lib = runtime.library_for(dev)
-    meta = {"gpu": torch.cuda.get_device_name(dev), "clocks": timing.gpu_clocks(dev), "commit": bench.git_commit(),
+    meta = {"gpu": torch.cuda.get_device_name(dev), "clocks": timing.gpu_clocks(dev), "commit": suite.git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "lean_source_sha256": lib.manifest.get("source_sha256"), "torch": torch.__version__,
             "flashinfer": (b.fi.version or b.fi.error) if b.fi else "not run",
-            "argv": bench.portable_argv(("--out", "--order"))}
+            "argv": suite.portable_argv(("--out", "--order"))}
     (Path(args.out) / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
@@ -140,9 +143,9 @@ def summarize(labelled: list[tuple[str, dict]], top: int = 4) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", help="regex over lean_tvm.bench shape names (the full grid)")
-    ap.add_argument("--only", default="lean,flashinfer,flashinfer-tc,cudnn", help="systems, as in lean_tvm.bench")
+    ap = argparse.ArgumentParser(prog="python -m lean_tvm.bench.ncu", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", help="regex over the suite's shape names (the full grid)")
+    ap.add_argument("--only", default="lean,flashinfer,flashinfer-tc,cudnn,fa3", help="systems, as in the suite")
     ap.add_argument("--out", required=True, help="folder for ncu_raw.csv and ncu_summary.md")
     ap.add_argument("--summary-only", action="store_true", help="rewrite --out's ncu_summary.md from its "
                     "ncu_raw.csv, no GPU")
@@ -162,20 +165,20 @@ def main() -> None:
         return
     ncu = shutil.which("ncu")
     if ncu is None:
-        sys.exit("ncu_profile: ncu (Nsight Compute) is not on PATH")
+        sys.exit("lean_tvm.bench.ncu: ncu (Nsight Compute) is not on PATH")
     out.mkdir(parents=True, exist_ok=True)
     order = out / "ncu_order.txt"
     cmd = [ncu, "--profile-from-start", "off", "--clock-control", "none", "--cache-control", "all",
-           "--csv", "--page", "raw", "--metrics", ",".join(METRICS), sys.executable, os.path.abspath(__file__),
+           "--csv", "--page", "raw", "--metrics", ",".join(METRICS), sys.executable, "-m", "lean_tvm.bench.ncu",
            "--child", "--shapes", args.shapes, "--only", args.only,
            "--seed", str(args.seed), "--out", str(out), "--order", str(order)]
-    print("[ncu_profile] " + " ".join(cmd[:12]) + " ...", flush=True)
+    print("[lean_tvm.bench.ncu] " + " ".join(cmd[:12]) + " ...", flush=True)
     res = subprocess.run(cmd, capture_output=True, text=True)
     (out / "ncu_log.txt").write_text(res.stderr + "\n".join(ln for ln in res.stdout.splitlines()
                                                              if not ln.startswith('"')))
     labelled = label(parse(res.stdout), order.read_text().splitlines() if order.exists() else [])
     if res.returncode != 0 or not labelled:
-        sys.exit(f"ncu_profile: ncu exit {res.returncode}, {len(labelled)} kernels; see {out / 'ncu_log.txt'}")
+        sys.exit(f"lean_tvm.bench.ncu: ncu exit {res.returncode}, {len(labelled)} kernels; see {out / 'ncu_log.txt'}")
     with open(out / "ncu_raw.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["call", *labelled[0][1]])
         w.writeheader()

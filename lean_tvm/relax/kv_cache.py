@@ -1,4 +1,4 @@
-"""LeanAttention over TVM's paged KV cache, in the form ``TIRPagedKVCache`` takes its decode kernel.
+"""LeanAttention in TVM's paged KV cache, in the form ``TIRPagedKVCache`` takes its decode kernel.
 
 ``relax.frontend.nn.llm.kv_cache.TIRPagedKVCache`` calls one PrimFunc per decode step with the
 signature of TVM's ``batch_decode_paged_kv`` (``_decode_kernels.py``)::
@@ -19,7 +19,8 @@ Not supported (asserted at run time): ``rotary_mode == 1`` (RoPE applied inside 
 ``RopeMode.INLINE``); no sliding-window variant. CUDA: ``page_size`` a multiple of 16.
 
 :func:`use_lean_paged_decode` swaps these kernels into a module that creates such a cache;
-:func:`kv_cache_module` makes a minimal one (tests, the GPU check).
+:func:`kv_cache_module` makes a minimal one (tests, the GPU check). (The PyTorch API's paged form,
+with block tables, is ``lean_tvm.decode_attention(..., block_table=...)``.)
 """
 
 from __future__ import annotations
@@ -31,13 +32,20 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from . import codegen, streamk
-from .attention import LOG2E, _cpu_operator, gpu_kernel_macro
-from .paged_cases import PAGED_EMPTY_LSE
-from .relax import DEFAULT_CPU_WORKERS, KERNEL_ATTR, LEAN_ATTR, LeanConfig
-from .spec import GpuKnobs, StreamKConfig
+from .. import codegen
+from .. import signature as sig
+from ..attention_cpu import run_walk_macro
+from ..attention_gpu import K_ROW, K_TILE, V_ROW, V_TILE, gpu_kernel_macro
+from ..softmax import LSE_TVM
+from ..spec import GpuKnobs
+from .op import DEFAULT_CPU_WORKERS, KERNEL_ATTR, LEAN_ATTR, LeanConfig
 
-PAGED_LSE = (1.0, PAGED_EMPTY_LSE)  # lse in log2 units, -5e4 when empty
+# TVM's batch_decode_paged_kv signature (both forms).
+PARAMS = (sig.handles("Q_handle", "pages_handle", "page_table_indptr_handle", "page_table_values_handle",
+                      "var_length_info", "k_rope_pos_offset_handle", "q_rope_position_handle", "output_handle",
+                      "lse_handle")
+          + sig.scalars(rotary_mode="int32", rope_scale="float32", rope_theta="float32", sm_scale="float32"))
+BODY_ARGS = [p.name for p in PARAMS if p.name not in ("rope_scale", "rope_theta")]
 TVM_PAGED_DECODE = {"llvm": "batch_decode_paged_kv_cpu", "cuda": "batch_decode_paged_kv"}  # global_symbols
 
 
@@ -68,7 +76,7 @@ class _PagedRows:
 
 
 def paged_rows(num_kv_heads: int, page_size: int, head_dim: int):
-    """The GPU loader's addressing (see ``attention.dense_rows``) for a paged cache: the warp's
+    """The GPU loader's addressing (see ``attention_gpu.dense_rows``) for a paged cache: the warp's
     rows rbase.. lie in one page (page_size is a multiple of the warp's rows), found through the
     page table; past the sequence's last page the last page stands in (its rows are zero-filled)."""
     page_elems = page_size * head_dim
@@ -78,11 +86,11 @@ def paged_rows(num_kv_heads: int, page_size: int, head_dim: int):
     def rows(bufs, b, h, rbase):
         first = T.meta_var(bufs.INDPTR[b])
         page = T.meta_var(bufs.VALUES[T.min(first + T.truncdiv(rbase, page_size), bufs.INDPTR[b + 1] - 1)])
-        bufs.gaddr[0] = ((T.Cast("int64", page) * (2 * num_kv_heads) + T.Cast("int64", h)) * page_elems
-                         + T.Cast("int64", T.truncmod(rbase, page_size) * head_dim) + bufs.goff[0])
-        bufs.gaddr[1] = bufs.gaddr[0] + v_offset
-        bufs.gaddr[2] = bufs.gaddr[0]
-        bufs.gaddr[3] = bufs.gaddr[1]
+        bufs.gaddr[K_ROW] = ((T.Cast("int64", page) * (2 * num_kv_heads) + T.Cast("int64", h)) * page_elems
+                         + T.Cast("int64", T.truncmod(rbase, page_size) * head_dim) + bufs.goff[K_ROW])
+        bufs.gaddr[V_ROW] = bufs.gaddr[K_ROW] + v_offset
+        bufs.gaddr[K_TILE] = bufs.gaddr[K_ROW]
+        bufs.gaddr[V_TILE] = bufs.gaddr[V_ROW]
 
     return rows
 
@@ -102,16 +110,11 @@ def make_paged_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, d
     """The CPU form, standing in for ``tir_attention_decode_cpu`` (``_attention_decode_cpu``)."""
     spec = LeanConfig().spec_for(dtype, head_dim, num_qo_heads // num_kv_heads)
     GM, D, HQ, HKV, W = spec.max_group, head_dim, num_qo_heads, num_kv_heads, num_workers
-    op = _cpu_operator(spec, block_size)
-    walk = streamk.cpu_walk(StreamKConfig(block_size=block_size))
+    run = run_walk_macro(spec, block_size, lse=LSE_TVM)
 
-    @T.prim_func(s_tir=True)
-    def lean_decode_paged_kv_cpu(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,
-                                 page_table_values_handle: T.handle, var_length_info: T.handle,
-                                 k_rope_pos_offset_handle: T.handle, q_rope_position_handle: T.handle,
-                                 output_handle: T.handle, lse_handle: T.handle, rotary_mode: T.int32,
-                                 rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+    @T.macro
+    def body(Q_handle, pages_handle, page_table_indptr_handle, page_table_values_handle, var_length_info,
+             k_rope_pos_offset_handle, q_rope_position_handle, output_handle, lse_handle, rotary_mode, sm_scale):
         B, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32()
         off_indptr, off_values, off_len, off_krope, off_qrope = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
         Q = T.match_buffer(Q_handle, (B, HQ, D), dtype)
@@ -127,24 +130,15 @@ def make_paged_decode_cpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, d
         ws_o = T.alloc_buffer((W, GM, D), "float32")
         ws_ml = T.alloc_buffer((W, 2, GM), "float32")
         flags = T.alloc_buffer((W,), "int32")
-        cum = T.alloc_buffer((B + 1,), "int32")
-        srch = T.alloc_buffer((2,), "int32")
-        m = T.alloc_buffer((GM,), "float32")
-        l_ = T.alloc_buffer((GM,), "float32")
-        acc = T.alloc_buffer((GM * D,), "float32")
-        s = T.alloc_buffer((block_size,), "float32")
-        tmp = T.alloc_buffer((3,), "float32")
-        qr = T.alloc_buffer((2,), "int32")
         ctx = T.meta_var(SimpleNamespace(SL=_PagedLens(indptr, last_len, page_size), B=B, H=HKV,
-                                         LMAX=max_num_pages * page_size, CUM=cum, NW=W, SPLITS=0, srch=srch, QR=qr,
-                                         FLAGS=flags))
-        bufs = T.meta_var(SimpleNamespace(
+                                         LMAX=max_num_pages * page_size, NW=W, SPLITS=0, FLAGS=flags))
+        inputs = T.meta_var(SimpleNamespace(
             Q=Q, K=_PagedRows(pages, 0, indptr, values, page_size), V=_PagedRows(pages, 1, indptr, values, page_size),
-            O=O, LSE=LSE, WSO=ws_o, WSML=ws_ml, HQ=HQ, G=HQ // HKV, m=m, l=l_, acc=acc, s=s, tmp=tmp,
-            scale_log2=sm_scale * T.float32(LOG2E), lse_unit=PAGED_LSE[0], lse_empty=PAGED_LSE[1]))
-        walk(ctx, op, bufs)
+            O=O, LSE=LSE, WSO=ws_o, WSML=ws_ml, HQ=HQ, G=HQ // HKV, scale=sm_scale))
+        run(ctx, inputs)
 
-    return lean_decode_paged_kv_cpu.with_attr("global_symbol", f"lean_decode_paged_kv_cpu_{spec.name}")
+    return sig.prim_func(f"lean_decode_paged_kv_cpu_{spec.name}", PARAMS, body, BODY_ARGS,
+                         {"tirx.is_scheduled": True, "tirx.noalias": True})
 
 
 def make_paged_decode_gpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str, page_size: int = 16,
@@ -158,17 +152,13 @@ def make_paged_decode_gpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, d
     knobs = paged_knobs(config.gpu_knobs(spec), page_size)
     GM, D, HQ, HKV, W, NT = spec.max_group, head_dim, num_qo_heads, num_kv_heads, config.workers(spec), \
         32 * knobs.num_warps
-    kernel = gpu_kernel_macro(spec, knobs, lse=PAGED_LSE)
+    kernel = gpu_kernel_macro(spec, knobs, lse=LSE_TVM)
     rows = paged_rows(HKV, page_size, D)
     max_batch = knobs.max_batch
 
-    @T.prim_func(s_tir=True)
-    def lean_decode_paged_kv(Q_handle: T.handle, pages_handle: T.handle, page_table_indptr_handle: T.handle,
-                             page_table_values_handle: T.handle, var_length_info: T.handle,
-                             k_rope_pos_offset_handle: T.handle, q_rope_position_handle: T.handle,
-                             output_handle: T.handle, lse_handle: T.handle, rotary_mode: T.int32,
-                             rope_scale: T.float32, rope_theta: T.float32, sm_scale: T.float32):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+    @T.macro
+    def body(Q_handle, pages_handle, page_table_indptr_handle, page_table_values_handle, var_length_info,
+             k_rope_pos_offset_handle, q_rope_position_handle, output_handle, lse_handle, rotary_mode, sm_scale):
         B, nnz_pages, max_num_pages = T.int32(), T.int32(), T.int32()
         off_pages = T.int64()
         off_indptr, off_values, off_len, off_krope, off_qrope = T.int32(), T.int32(), T.int32(), T.int32(), T.int32()
@@ -199,8 +189,9 @@ def make_paged_decode_gpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, d
             HQ=HQ, HKV=HKV, LMAX=max_num_pages * page_size, rows=rows, INDPTR=indptr, VALUES=values))
         kernel(src, O, LSE, ws_o, ws_ml, flags, sm_scale, W, 0, W, None)
 
-    return lean_decode_paged_kv.with_attrs({"global_symbol": f"lean_decode_paged_kv_{spec.name}",
-                                            KERNEL_ATTR: codegen.PIPELINE, LEAN_ATTR: spec.name})
+    func = sig.prim_func(f"lean_decode_paged_kv_{spec.name}", PARAMS, body, BODY_ARGS,
+                         {"tirx.is_scheduled": True, "tirx.noalias": True})
+    return func.with_attrs({KERNEL_ATTR: codegen.PIPELINE, LEAN_ATTR: spec.name})
 
 
 def use_lean_paged_decode(mod: tvm.IRModule, target_kind: str = "llvm", config: LeanConfig | None = None,

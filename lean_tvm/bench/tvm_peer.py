@@ -6,9 +6,10 @@ head dim and dtype of the benchmark grid. It is built like ours (``cuda_host`` +
 tvm-ffi alone, no workspace) but through TVM's default TIR pipeline, whose inserted barriers it
 relies on. Only the benchmark loads it, so the product library does not carry it:
 
-    python -m lean_tvm.build --arch sm_90a --out build/sm_90a --with-tvm-peer
+    python -m lean_tvm.bench.libraries --arch sm_90a --out build/sm_90a --with-tvm-peer
 
-writes ``tvm_decode_<arch>.so`` and the ``"tvm_peer"`` entry of that folder's ``manifest.json``.
+writes ``tvm_decode_<arch>.so`` and the ``"tvm_peer"`` entry of that folder's
+``bench_manifest.json``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import dataclasses
 import hashlib
 import math
 import os
+
+from .grid import PAGE_SIZE, full_grid, quick_grid
 
 LIBRARY = "tvm_decode_{arch}.so"
 MANIFEST_KEY = "tvm_peer"
@@ -36,18 +39,16 @@ class Variant:
 
 
 def suite_variants() -> list[Variant]:
-    """The variants the benchmark needs: every one of its full grid (which holds the quick one)."""
-    from .bench import full_grid
-
-    return sorted({Variant(s.hq, s.hkv, s.head_dim, s.dtype) for s in full_grid(cap_bytes=math.inf)})
+    """The variants the benchmark needs: every one of its full and quick grids."""
+    shapes = full_grid(cap_bytes=math.inf) + quick_grid(cap_bytes=math.inf)
+    return sorted({Variant(s.hq, s.hkv, s.head_dim, s.dtype) for s in shapes})
 
 
 def make_kernel(variant: Variant, arch: str):
     """TVM's PrimFunc for one variant, renamed so that all variants share one library."""
     from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode
 
-    from .bench import PAGE_SIZE
-    from .codegen import cuda_target
+    from ..codegen import cuda_target
 
     func = _attention_decode(variant.hkv, variant.hq, variant.head_dim, variant.dtype, False, {},
                              cuda_target(arch), PAGE_SIZE)
@@ -59,9 +60,8 @@ def build_library(arch: str, out_dir: str, variants: list[Variant] | None = None
     manifest entry that tells the benchmark which kernel serves which shape."""
     import tvm
 
-    from .bench import PAGE_SIZE
-    from .build import nvcc_library
-    from .codegen import cuda_source_of_module
+    from ..build import nvcc_library
+    from ..codegen import cuda_source_of_module
 
     variants = variants if variants is not None else suite_variants()
     src = cuda_source_of_module(tvm.IRModule({v.name: make_kernel(v, arch) for v in variants}), arch, PIPELINE)

@@ -3,7 +3,9 @@
 Before each timed call a 256 MB buffer is *read* (a write would leave dirty lines that drain
 into the timed call), then the GPU is kept busy a little longer (``torch.cuda._sleep``) so the
 host's launch path is not inside the timed interval; CUDA events bracket the call itself. The
-clocks are warmed up by >= 100 ms of matrix products first.
+clocks are warmed up by >= 100 ms of matrix products first. Systems that are compared are timed
+in interleaved rounds (:func:`interleaved`): a slow minute of a noisy GPU then hits every system
+alike instead of picking the winner.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class Timer:
             torch.cuda.synchronize(self.device)
 
     def device_time(self, fn: Callable[[], object], reps: int = 30, warmup: int = 3) -> Stats:
+        return Stats.of(self.device_samples(fn, reps, warmup))
+
+    def device_samples(self, fn: Callable[[], object], reps: int = 30, warmup: int = 3) -> list[float]:
         for _ in range(warmup):
             fn()
         samples = []
@@ -58,7 +63,7 @@ class Timer:
             end.record()
             end.synchronize()
             samples.append(start.elapsed_time(end) * 1e3)
-        return Stats.of(samples)
+        return samples
 
     def host_time(self, fn: Callable[[], object], reps: int = 1000) -> float:
         """Wall time per call from Python (us), calls queued back to back."""
@@ -71,6 +76,40 @@ class Timer:
         per_call = (time.perf_counter() - t0) / reps * 1e6
         torch.cuda.synchronize(self.device)
         return per_call
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundStats:
+    """A system's device time over interleaved rounds (microseconds)."""
+
+    median: float  # the median of the rounds' medians
+    p10: float  # of every call
+    p90: float
+    round_lo: float  # the fastest and slowest round's median
+    round_hi: float
+    n: int  # calls timed
+
+
+def interleaved(timer: Timer, systems: dict[str, tuple[Callable[[], object], Callable]], rounds: int,
+                reps: int) -> dict[str, RoundStats]:
+    """Time every system ``reps`` calls per round, the systems in turn (the order rotating each
+    round), ``rounds`` times. ``systems``: name -> (the call, a context-manager factory it runs in)."""
+    names = list(systems)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    medians: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, context = systems[name]
+            with context():
+                got = timer.device_samples(fn, reps, warmup=1)
+            samples[name] += got
+            medians[name].append(statistics.median(got))
+    out = {}
+    for name in names:
+        all_calls = Stats.of(samples[name])
+        out[name] = RoundStats(statistics.median(medians[name]), all_calls.p10, all_calls.p90, min(medians[name]),
+                               max(medians[name]), all_calls.n)
+    return out
 
 
 def gpu_clocks(device: torch.device) -> dict:

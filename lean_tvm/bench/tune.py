@@ -2,9 +2,9 @@
 
 Three steps, so that the GPU machine needs neither TVM nor nvcc:
 
-    python -m lean_tvm.tune build   --arch sm_90a --out build/tune_sm_90a   # CPU machine
-    python -m lean_tvm.tune measure --lib build/tune_sm_90a --out tune.json  # GPU machine
-    python -m lean_tvm.tune select  tune.json                               # writes the record
+    python -m lean_tvm.bench.tune build   --arch sm_90a --out build/tune_sm_90a   # CPU machine
+    python -m lean_tvm.bench.tune measure --lib build/tune_sm_90a --out tune.json  # GPU machine
+    python -m lean_tvm.bench.tune select  tune.json --lib build/tune_sm_90a       # writes the record
 
 ``build`` compiles every candidate that fits the arch's shared memory (rows per warp step,
 warps, pipeline stages, CTAs per SM) into one library; ``measure`` times each on a set of
@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .spec import AttentionSpec, GpuKnobs
+from ..spec import AttentionSpec, GpuKnobs
 
 CANDIDATES = (
     GpuKnobs(rows_per_warp=16, num_warps=4, stages=4),
@@ -50,9 +50,10 @@ def candidate_name(spec: AttentionSpec, knobs: GpuKnobs) -> str:
 
 
 def build(arch: str, out_dir: str, specs: Sequence[AttentionSpec]) -> None:
-    from . import build as builder
-    from .attention import make_gpu_kernel
-    from .schedule_records import fits
+    from .. import build as builder
+    from ..attention_gpu import make_gpu_kernel
+    from ..library import ATTENTION_OP
+    from ..schedule_records import fits
 
     funcs, kernels = {}, []
     for spec in specs:
@@ -61,10 +62,10 @@ def build(arch: str, out_dir: str, specs: Sequence[AttentionSpec]) -> None:
                 continue
             name = candidate_name(spec, knobs)
             funcs[name] = make_gpu_kernel(spec, knobs, name=name)
-            kernels.append({"name": name, "op": "decode_attention", "dtype": spec.dtype,
+            kernels.append({"name": name, "op": ATTENTION_OP, "dtype": spec.dtype,
                             "head_dim": spec.head_dim, "max_group": spec.max_group,
                             "knobs": dataclasses.asdict(knobs), "block_size": knobs.block_size})
-            print(f"[lean_tvm.tune] candidate {name}", flush=True)
+            print(f"[lean_tvm.bench.tune] candidate {name}", flush=True)
     builder.compile_library(arch, out_dir, funcs, kernels)
 
 
@@ -75,7 +76,7 @@ def _shape_group(spec_max_group: int) -> int:
 def measure(lib_dir: str, out_path: str, reps: int = 20) -> dict:
     import torch
 
-    from . import runtime
+    from .. import runtime
     from .timing import Timer, gpu_clocks
 
     os.environ["LEAN_TVM_LIB_DIR"] = lib_dir
@@ -118,7 +119,7 @@ def _geomean_vs_best(times: dict[str, float], best: dict[str, float]) -> float:
 
 def select(results: dict, manifest: dict) -> list[dict]:
     """Per kernel family, the candidate with the best geometric mean of time / best time."""
-    from .schedule_records import record
+    from ..schedule_records import record
 
     knobs_of = {k["name"]: k["knobs"] for k in manifest["kernels"] if k["op"] == "decode_attention"}
     by_family: dict[tuple, dict[str, dict[str, float]]] = {}
@@ -140,7 +141,7 @@ def select(results: dict, manifest: dict) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lean_tvm.tune", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m lean_tvm.bench.tune", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="compile every fitting candidate (CPU machine with nvcc)")
@@ -159,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--out", default=None, help="default schedules/<arch>.json")
     args = ap.parse_args(argv)
     if args.cmd == "build":
-        from .build import attention_specs
+        from ..build import attention_specs
 
         specs = attention_specs(args.dtypes.split(","), [int(x) for x in args.head_dims.split(",")],
                                 [int(x) for x in args.max_groups.split(",")])
@@ -167,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.cmd == "measure":
         measure(args.lib, args.out, args.reps)
     else:
-        from .schedule_records import keep_batch_tile_costs, load_records, records_dir
+        from ..schedule_records import keep_batch_tile_costs, load_records, records_dir
 
         with open(args.results) as f:
             results = json.load(f)
@@ -175,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             manifest = json.load(f)
         out = args.out or str(records_dir() / f"{manifest['arch']}.json")
         records = keep_batch_tile_costs(select(results, manifest), load_records(manifest["arch"], out))
-        data = {"arch": manifest["arch"], "note": "written by python -m lean_tvm.tune select",
+        data = {"arch": manifest["arch"], "note": "written by python -m lean_tvm.bench.tune select",
                 "records": records}
         with open(out, "w") as f:
             json.dump(data, f, indent=1)

@@ -1,0 +1,134 @@
+"""The benchmark's shapes and the bytes each must move (pure: no GPU, no TVM).
+
+A shape is one decode step: a query token per sequence against ``lens[b]`` cached K/V rows.
+``full_grid`` is the whole suite, ``quick_grid`` the few shapes that tell the story in a minute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+K, M = 1024, 1024 * 1024
+HEADS = ((32, 8), (64, 8), (32, 32), (8, 1))  # every context length and batch of the full grid
+ODD_HEADS = ((28, 4), (40, 8))  # GQA groups 7 and 5 (Qwen2-7B's 28/4, 40/8) on a subset
+KV_CAP_BYTES = 40e9
+PAGE_SIZE = 16  # the paged peers' page size
+ELEM_SIZE = {"float16": 2, "bfloat16": 2}
+SHORT_DTYPE = {"float16": "fp16", "bfloat16": "bf16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One decode step: a query token per sequence against ``lens[b]`` cached K/V rows."""
+
+    name: str
+    lens: tuple[int, ...]
+    hq: int
+    hkv: int
+    head_dim: int
+    dtype: str = "float16"
+    ragged: bool = False
+
+    @property
+    def batch(self) -> int:
+        return len(self.lens)
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lens)
+
+    @property
+    def total_len(self) -> int:
+        return sum(self.lens)
+
+    @property
+    def kv_bytes(self) -> int:
+        return kv_bytes(self.lens, self.hkv, self.head_dim, ELEM_SIZE[self.dtype])
+
+    @property
+    def move_bytes(self) -> int:
+        return move_bytes(self.lens, self.hq, self.hkv, self.head_dim, ELEM_SIZE[self.dtype])
+
+    @property
+    def alloc_len(self) -> int:
+        """Rows per sequence in the contiguous cache: the longest length rounded up to a page, so
+        that every sequence's last (partial) page can be copied whole into the paged cache."""
+        return -(-self.max_len // PAGE_SIZE) * PAGE_SIZE
+
+
+def kv_bytes(lens: Iterable[int], hkv: int, head_dim: int, elem_size: int) -> int:
+    """K and V rows that decode must read: each sequence's own length, never the padding."""
+    return 2 * sum(lens) * hkv * head_dim * elem_size
+
+
+def move_bytes(lens: Sequence[int], hq: int, hkv: int, head_dim: int, elem_size: int) -> int:
+    """Bytes that must move: the K+V read, the query read and the output write."""
+    return kv_bytes(lens, hkv, head_dim, elem_size) + 2 * len(lens) * hq * head_dim * elem_size
+
+
+def fmt_len(n: int) -> str:
+    return f"{n // K}k" if n >= K and n % K == 0 else str(n)
+
+
+def uniform(batch: int, length: int, hq: int, hkv: int, d: int = 128, dtype: str = "float16") -> Shape:
+    name = f"B{batch} {hq}/{hkv} D{d} {SHORT_DTYPE[dtype]} L{fmt_len(length)}"
+    return Shape(name, (length,) * batch, hq, hkv, d, dtype)
+
+
+def ragged(desc: str, lens: Sequence[int], hq: int = 32, hkv: int = 8, d: int = 128, dtype: str = "float16") -> Shape:
+    name = f"ragged {desc} {hq}/{hkv} D{d} {SHORT_DTYPE[dtype]}"
+    return Shape(name, tuple(int(x) for x in lens), hq, hkv, d, dtype, ragged=True)
+
+
+def ragged_shapes(seed: int = 0, long_lens: Sequence[int] = (128 * K, 256 * K)) -> list[Shape]:
+    """Mixed batches, where splitting by work (stream-K) and splitting by tile part ways."""
+    def rng(tag: int):  # one stream per shape: a shape's lengths do not depend on the others
+        return np.random.default_rng((seed, tag))
+
+    out = [ragged(f"1x{fmt_len(n)}+15x1k-4k", [n, *rng(n).integers(K, 4 * K + 1, 15)]) for n in long_lens]
+    out.append(ragged("4x32k+28x1k", [32 * K] * 4 + [K] * 28))
+    out.append(ragged("48x1-16k", rng(48).integers(1, 16 * K + 1, 48)))
+    out.append(ragged("2x64k+30x512", [64 * K] * 2 + [512] * 30, hq=64, hkv=8))
+    return out
+
+
+def full_grid(cap_bytes: float = KV_CAP_BYTES, seed: int = 0) -> list[Shape]:
+    """fp16 D128 over every head layout (B=1 at 1k..512k, B=8..64 at 2k..16k, many short
+    sequences at B64/B128 L1k); the odd GQA groups on a subset; fp16 D64/D256 and bf16 D128 on a
+    subset (32/8 and 64/8, five shapes each); the ragged batches. Rows whose K+V bytes exceed
+    ``cap_bytes`` are left out (they, plus the peers' copies, must fit)."""
+    shapes = []
+    for hq, hkv in HEADS:
+        shapes += [uniform(1, 1 << p, hq, hkv) for p in range(10, 20)]
+        shapes += [uniform(b, n, hq, hkv) for b in (8, 16, 32, 64) for n in (2 * K, 4 * K, 8 * K, 16 * K)]
+        shapes += [uniform(b, K, hq, hkv) for b in (64, 128)]
+    for hq, hkv in ODD_HEADS:
+        shapes += [uniform(1, n, hq, hkv) for n in (4 * K, 16 * K, 64 * K)]
+        shapes += [uniform(4, 12 * K, hq, hkv), uniform(32, 4 * K, hq, hkv)]
+    for dtype, d in (("float16", 64), ("float16", 256), ("bfloat16", 128)):
+        for hq, hkv in HEADS[:2]:
+            shapes += [uniform(1, n, hq, hkv, d, dtype) for n in (4 * K, 32 * K, 256 * K)]
+            shapes += [uniform(8, 4 * K, hq, hkv, d, dtype), uniform(32, 16 * K, hq, hkv, d, dtype)]
+    shapes += ragged_shapes(seed)
+    return [s for s in shapes if s.kv_bytes <= cap_bytes]
+
+
+def quick_grid(cap_bytes: float = KV_CAP_BYTES, seed: int = 0) -> list[Shape]:
+    """The shapes that show the story in a couple of minutes: the fixed cost at B=1, long
+    contexts, many short sequences, one KV head, an odd group, other dtypes and head dims, and
+    two ragged batches."""
+    shapes = [uniform(1, n, 32, 8) for n in (4 * K, 16 * K, 64 * K, 256 * K)]
+    shapes += [uniform(8, 4 * K, 32, 8), uniform(32, 2 * K, 32, 8), uniform(128, K, 32, 8)]
+    shapes += [uniform(1, 32 * K, 8, 1), uniform(4, 12 * K, 28, 4)]
+    shapes += [uniform(1, 16 * K, 32, 8, 64, "bfloat16"), uniform(1, 16 * K, 32, 8, 256, "bfloat16")]
+    shapes += [s for s in ragged_shapes(seed, long_lens=(128 * K,)) if s.name.split()[1] in ("1x128k+15x1k-4k",
+                                                                                           "2x64k+30x512")]
+    return [s for s in shapes if s.kv_bytes <= cap_bytes]
+
+
+def select_shapes(shapes: list[Shape], pattern: str | None) -> list[Shape]:
+    return [s for s in shapes if not pattern or re.search(pattern, s.name)]

@@ -1,0 +1,68 @@
+"""One builder for the PrimFunc signature of every kernel (attention, paged attention, GEMV).
+
+A kernel's body is a TIR macro that declares its buffers from the parameters (``match_buffer``)
+and runs the walk. What differs between the forms of one kernel is only its parameter list: the
+operator library's order, Relax's destination-passing order (outputs after the scalars), or
+debug parameters. TVMScript parses a function from source, so this module writes the ``def``
+line once, from a list of :class:`Param`, and calls the body macro with its arguments by name
+(``None`` for one the form leaves out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import tvm
+from tvm.script import tirx as T
+
+SCALAR_TYPES = ("int32", "int64", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    name: str
+    type: str = "handle"  # a buffer, or one of SCALAR_TYPES
+
+
+def handles(*names: str) -> list[Param]:
+    return [Param(n) for n in names]
+
+
+def scalars(**types: str) -> list[Param]:
+    return [Param(n, t) for n, t in types.items()]
+
+
+def outputs_last(params: Sequence[Param], outputs: Sequence[str]) -> list[Param]:
+    """Destination-passing order (Relax's ``call_tir``): every other parameter, then ``outputs``."""
+    by_name = {p.name: p for p in params}
+    return [p for p in params if p.name not in outputs] + [by_name[n] for n in outputs]
+
+
+def prim_func(name: str, params: Sequence[Param], body: Callable, body_args: Sequence[str | None],
+              attrs: dict) -> tvm.tirx.PrimFunc:
+    """``def <name>(<params>): T.func_attr(attrs); body(<body_args>)`` as a PrimFunc whose
+    ``global_symbol`` is ``name``. ``body_args`` name parameters (in the body macro's own order);
+    ``None`` passes Python's None (the body leaves that part out)."""
+    known = {p.name for p in params}
+    for p in params:
+        if p.type != "handle" and p.type not in SCALAR_TYPES:
+            raise ValueError(f"parameter {p.name}: type {p.type!r} is not a handle or one of {SCALAR_TYPES}")
+    missing = [a for a in body_args if a is not None and a not in known]
+    if missing:
+        raise ValueError(f"{name}: body arguments {missing} are not parameters")
+    sig = ", ".join(f"{p.name}: T.{p.type}" for p in params)
+    args = ", ".join("None" if a is None else a for a in body_args)
+    src = f"@T.prim_func(s_tir=True)\ndef {name}({sig}):\n    T.func_attr(attrs)\n    body({args})\n"
+    func = tvm.script.from_source(src, extra_vars={"T": T, "body": body, "attrs": attrs})
+    return func.with_attr("global_symbol", name)
+
+
+# Decode attention over one KV cache: the operator library's order (destination-passing: OUTPUTS
+# moved last with ``outputs_last``).
+ATTENTION_PARAMS = (handles("q", "k", "v", "seq_lens", "o", "lse", "ws_o", "ws_ml", "flags")
+                    + scalars(softmax_scale="float32", num_workers="int32", num_splits="int32", grid="int32"))
+ATTENTION_OUTPUTS = ("o", "lse")
+# The split-K GEMV y = W x.
+GEMV_PARAMS = (handles("w", "x", "k_len", "y", "ws", "flags")
+               + scalars(num_workers="int32", num_splits="int32", grid="int32"))
