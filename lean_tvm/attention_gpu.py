@@ -28,6 +28,7 @@ from . import signature as sig
 from . import streamk
 from .softmax import FLT_MAX, LOG2E, LSE_NATURAL, NEG_INF, LseConvention
 from .spec import TRACE_EVENTS, AttentionSpec, GpuKnobs
+from .tiles import TileLayout, started_lens
 
 MMA = {
     "float16": "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
@@ -37,8 +38,10 @@ MMA = {
 K_ROW, V_ROW, K_TILE, V_TILE = range(4)
 
 
-def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs) -> tuple[streamk.GpuOperator, dict]:
-    """The macros (see ``streamk.GpuOperator``) and the fragment sizes the kernel allocates."""
+def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> tuple[streamk.GpuOperator, dict]:
+    """The macros (see ``streamk.GpuOperator``) and the fragment sizes the kernel allocates.
+    ``paged``: the paged form's tiles, query rows, causal limits and K/V addressing
+    (``attention_cpu.TileLayout``; :func:`make_gpu_paged_kernel`)."""
     GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
     RW, NWARP, S, NT = knobs.rows_per_warp, knobs.num_warps, knobs.stages, 32 * knobs.num_warps
     KS = D // 16  # k-steps of Q.K^T; d-tiles of the output
@@ -49,6 +52,8 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs) -> tuple[streamk.GpuOpera
     RPU = 32 // CH  # rows one warp-wide cp.async covers
     E = (GM * D + 4 * NT - 1) // (4 * NT)  # CTA-state quads (4 consecutive d of a head) per thread
     CU = 8  # partials merged per unrolled step: their loads are in flight together
+    RW_LOG2 = RW.bit_length() - 1
+    NO_ROWS = 1 << 30  # a causal offset that hides every row
     mma = MMA[dt]
     full = T.uint32(0xFFFFFFFF)
     ninf = T.float32(NEG_INF)
@@ -134,13 +139,15 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs) -> tuple[streamk.GpuOpera
                                bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
                                bufs.qw[(nn * KS + kk) * 2], bufs.qw[(nn * KS + kk) * 2 + 1],
                                bufs.sc[x], bufs.sc[x + 1], bufs.sc[x + 2], bufs.sc[x + 3])
-        # Mask rows past the length (by min, not a branch: see merge_some), scale into log2.
+        # Mask rows past the length (by min, not a branch: see merge_some), scale into log2. The
+        # paged form's query i sees Sq - 1 - i rows fewer (qoff of the lane's columns 2t, 2t + 1).
         for mt in T.unroll(NM):
             for nn in T.unroll(NN):
                 for i in T.unroll(4):
                     row = T.meta_var(row0 + warp * RW + mt * 16 + g + 8 * T.truncdiv(i, 2))
+                    limit = T.meta_var(n - bufs.qoff[nn * 2 + T.truncmod(i, 2)] if paged else n)
                     bufs.sc[(mt * NN + nn) * 4 + i] = T.min(bufs.sc[(mt * NN + nn) * 4 + i] * bufs.scale_log2,
-                                                            T.Select(row < n, -ninf, ninf))
+                                                            T.Select(row < limit, -ninf, ninf))
         # Online softmax per head column (this lane's heads 2t, 2t+1 of each head tile).
         for nn in T.unroll(NN):
             for j in T.unroll(2):
@@ -353,9 +360,126 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs) -> tuple[streamk.GpuOpera
                 if T.truncmod(k * NT + bufs.tx, D) == 0:
                     bufs.LSE[b, T.truncdiv(k * NT + bufs.tx, D)] = T.float32(bufs.lse_empty)
 
-    op = streamk.GpuOperator(setup=setup, begin_tile=begin_tile, load=load, compute=compute, combine=combine,
-                             publish=publish, merge_partials=merge_partials, write_output=write_output,
-                             write_empty=write_empty)
+    @T.macro
+    def begin_paged_tile(bufs, b, h):
+        """:func:`begin_tile` for the paged form: the lane's query row nn * 8 + g of the tile maps to
+        its (token, head) (``TileLayout``); rows past the tile's are masked to zero; and the causal
+        offset of the lane's accumulator columns 2t, 2t + 1."""
+        lay = T.meta_var(bufs.layout)
+        g, t = T.meta_var(T.truncdiv(bufs.lane, 4)), T.meta_var(T.truncmod(bufs.lane, 4))
+        for nn in T.unroll(NN):
+            for j in T.unroll(2):
+                bufs.mrow[nn * 2 + j] = ninf
+                bufs.lrow[nn * 2 + j] = T.float32(0)
+                col = T.meta_var(nn * 8 + 2 * t + j)
+                bufs.qoff[nn * 2 + j] = T.Select(T.And(col < bufs.G, lay.valid(h, col)),
+                                                 lay.SQ - 1 - lay.token(h, col), NO_ROWS)
+            r = T.meta_var(T.min(nn * 8 + g, bufs.G - 1))
+            row = T.meta_var(T.Cast("int64", b) * bufs.sqb + T.Cast("int64", lay.token(h, r)) * bufs.sqs
+                             + T.Cast("int64", lay.head(h, r)) * bufs.sqh)
+            keep = T.meta_var(T.Select(T.And(nn * 8 + g < bufs.G, lay.valid(h, nn * 8 + g)), T.uint32(0xFFFFFFFF),
+                                       T.uint32(0)))
+            for kk in T.unroll(KS):
+                for j in T.unroll(2):
+                    bufs.qw[(nn * KS + kk) * 2 + j] = T.bitwise_and(
+                        bufs.QW[T.truncdiv(row + T.Cast("int64", kk * 16 + t * 2 + 8 * j), 2)], keep)
+                for e in T.unroll(4):
+                    bufs.acc[(nn * KS + kk) * 4 + e] = T.float32(0)
+
+    @T.macro
+    def setup_paged(bufs):
+        """:func:`setup` for the paged form: the lane's chunk offsets in a stage, and the element
+        offset of its 16-byte chunk within a row (the row's address comes from the block table)."""
+        lane = T.meta_var(bufs.lane)
+        for u in T.unroll(CPL):
+            r = T.meta_var(u * RPU + T.truncdiv(lane, CH))
+            bufs.soff[u] = r * D + T.bitwise_xor(T.truncmod(lane, CH), T.bitwise_and(r, 7)) * 8
+        bufs.goff[K_ROW] = T.Cast("int64", T.truncmod(lane, CH) * 8)
+
+    @T.macro
+    def load_paged(bufs, stage, b, h, row0, n):
+        """:func:`load` through the block table: row ``leftpad + r`` of sequence b is slot ``% page``
+        of page ``block_table[b, // page]``. Pages of at least a warp's rows hold all of them (no
+        leftpad with real pages): one table read per warp and step; smaller pages: one per chunk.
+        Rows past the length are zero-filled from the last valid row's address."""
+        lay = T.meta_var(bufs.layout)
+        rbase = T.meta_var(row0 + bufs.warp * RW)
+        bufs.left[0] = n - rbase - T.truncdiv(bufs.lane, CH)
+        bufs.last[0] = n - 1
+        first = T.meta_var(rbase + T.truncdiv(bufs.lane, CH))
+        kvh = T.meta_var(T.Cast("int64", lay.kv_head(h)))
+        mask = T.meta_var(T.shift_left(1, bufs.PSL) - 1)
+        sbase = T.meta_var((bufs.warp * S + stage) * 2 * RW * D)
+        if bufs.PSL >= RW_LOG2:
+            at = T.meta_var(T.min(rbase, bufs.last[0]) + bufs.LP[b])
+            page = T.meta_var(T.Cast("int64", bufs.TBF[T.Cast("int64", b) * bufs.stb
+                                                       + T.Cast("int64", T.shift_right(at, bufs.PSL))]))
+            bufs.gaddr[K_TILE] = page * bufs.skp + kvh * bufs.skh + bufs.goff[K_ROW]
+            bufs.gaddr[V_TILE] = page * bufs.svp + kvh * bufs.svh + bufs.goff[K_ROW]
+            for u in T.unroll(CPL):
+                ok = T.meta_var(u * RPU < bufs.left[0])
+                slot = T.meta_var(T.Cast("int64", T.bitwise_and(T.min(first + u * RPU, bufs.last[0]) + bufs.LP[b],
+                                                                mask)))
+                T.ptx["cp.async.cg.shared.global"](
+                    T.address_of(bufs.RING[sbase + bufs.soff[u]]),
+                    T.address_of(bufs.KF[bufs.gaddr[K_TILE] + slot * bufs.skr]),
+                    16, T.Select(ok, T.uint32(16), T.uint32(0)))
+                T.ptx["cp.async.cg.shared.global"](
+                    T.address_of(bufs.RING[sbase + RW * D + bufs.soff[u]]),
+                    T.address_of(bufs.VF[bufs.gaddr[V_TILE] + slot * bufs.svr]),
+                    16, T.Select(ok, T.uint32(16), T.uint32(0)))
+        else:
+            for u in T.unroll(CPL):
+                ok = T.meta_var(u * RPU < bufs.left[0])
+                at = T.meta_var(T.min(first + u * RPU, bufs.last[0]) + bufs.LP[b])
+                page = T.meta_var(T.Cast("int64", bufs.TBF[T.Cast("int64", b) * bufs.stb
+                                                           + T.Cast("int64", T.shift_right(at, bufs.PSL))]))
+                slot = T.meta_var(T.Cast("int64", T.bitwise_and(at, mask)))
+                T.ptx["cp.async.cg.shared.global"](
+                    T.address_of(bufs.RING[sbase + bufs.soff[u]]),
+                    T.address_of(bufs.KF[page * bufs.skp + kvh * bufs.skh + slot * bufs.skr + bufs.goff[K_ROW]]),
+                    16, T.Select(ok, T.uint32(16), T.uint32(0)))
+                T.ptx["cp.async.cg.shared.global"](
+                    T.address_of(bufs.RING[sbase + RW * D + bufs.soff[u]]),
+                    T.address_of(bufs.VF[page * bufs.svp + kvh * bufs.svh + slot * bufs.svr + bufs.goff[K_ROW]]),
+                    16, T.Select(ok, T.uint32(16), T.uint32(0)))
+
+    @T.macro
+    def write_paged_output(bufs, b, h):
+        """The tile's rows to their (token, head) of o [B, Sq, Hq, D] and lse [B, Sq, Hq]; a row that
+        saw no key (a sequence shorter than Sq) gets o = 0 and the empty lse."""
+        lay = T.meta_var(bufs.layout)
+        for e in T.unroll(E):
+            x = T.meta_var((e * NT + bufs.tx) * 4)
+            r = T.meta_var(T.truncdiv(x, D))
+            if x < bufs.G * D and lay.valid(h, r):
+                seen = T.meta_var(bufs.el[e] > T.float32(0))
+                for j in T.unroll(4):
+                    bufs.O[b, lay.token(h, r), lay.head(h, r), T.truncmod(x, D) + j] = T.Cast(dt, T.Select(
+                        seen, bufs.eo[e * 4 + j] / T.max(bufs.el[e], T.float32(1e-30)), T.float32(0)))
+                if T.truncmod(x, D) == 0:
+                    bufs.LSE[b, lay.token(h, r), lay.head(h, r)] = T.Select(
+                        seen, (bufs.em[e] + T.log2(bufs.el[e])) * T.float32(bufs.lse_unit), T.float32(bufs.lse_empty))
+
+    @T.macro
+    def write_paged_empty(bufs, b):
+        lay = T.meta_var(bufs.layout)
+        for k in range(T.truncdiv(lay.SQ * bufs.HQ * D + NT - 1, NT)):
+            x = T.meta_var(k * NT + bufs.tx)
+            if x < lay.SQ * bufs.HQ * D:
+                tok, rest = T.meta_var(T.truncdiv(x, bufs.HQ * D)), T.meta_var(T.truncmod(x, bufs.HQ * D))
+                bufs.O[b, tok, T.truncdiv(rest, D), T.truncmod(rest, D)] = T.Cast(dt, T.float32(0))
+                if T.truncmod(rest, D) == 0:
+                    bufs.LSE[b, tok, T.truncdiv(rest, D)] = T.float32(bufs.lse_empty)
+
+    if paged:
+        op = streamk.GpuOperator(setup=setup_paged, begin_tile=begin_paged_tile, load=load_paged, compute=compute,
+                                 combine=combine, publish=publish, merge_partials=merge_partials,
+                                 write_output=write_paged_output, write_empty=write_paged_empty)
+    else:
+        op = streamk.GpuOperator(setup=setup, begin_tile=begin_tile, load=load, compute=compute, combine=combine,
+                                 publish=publish, merge_partials=merge_partials, write_output=write_output,
+                                 write_empty=write_empty)
     return op, dict(KS=KS, NM=NM, NN=NN, E=E, CU=CU, CPL=CPL)
 
 
@@ -370,15 +494,16 @@ def dense_rows(bufs, b, h, rbase):
     bufs.gaddr[V_ROW] = bufs.gaddr[V_TILE] + T.Cast("int64", rbase) * bufs.svl + bufs.goff[V_ROW]
 
 
-def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse: LseConvention = LSE_NATURAL):
+def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse: LseConvention = LSE_NATURAL, paged: bool = False):
     """The persistent kernel's body for any K/V addressing. ``src`` holds the inputs: QW (q as
-    32-bit words) with strides sqb, sqh; KF, VF (flat K and V) with strides skb, skh, skl, svb,
-    svh, svl (skl, svl: between rows of one warp's slice); SL (lengths, indexable), B, HQ, HKV,
-    LMAX (int32); ``rows``, a macro like :func:`dense_rows`; and any buffers ``rows`` reads."""
+    32-bit words) with its strides; KF, VF (flat K and V) with theirs; SL (lengths, indexable), B,
+    HQ, HKV, LMAX (int32); ROWS (query rows of a tile) and TILES (tiles per sequence); the dense
+    form's ``rows`` (a macro like :func:`dense_rows`) and any buffers it reads, or the paged
+    form's block table TBF, leftpad LP, page-size log2 PSL and ``layout``."""
     GM, D = spec.max_group, spec.head_dim
     cfg = knobs.streamk_config()
     NWARP, NT = knobs.num_warps, cfg.num_threads
-    op, sizes = gpu_operator(spec, knobs)
+    op, sizes = gpu_operator(spec, knobs, paged)
     KS, NM, NN, E, CU = (sizes[k] for k in ("KS", "NM", "NN", "E", "CU"))
     walk = streamk.gpu_walk(cfg)
     ring_elems = NWARP * knobs.stages * 2 * knobs.rows_per_warp * D
@@ -426,17 +551,19 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse: LseConvention = 
         mc = T.alloc_buffer((CU,), "float32", scope="local")
         lc = T.alloc_buffer((CU,), "float32", scope="local")
         ok = T.alloc_buffer((CU,), "int32", scope="local")
+        qoff = T.meta_var(T.alloc_buffer((NN * 2,), "int32", scope="local") if paged else None)  # causal offsets
+        last = T.meta_var(T.alloc_buffer((1,), "int32", scope="local") if paged else None)  # the last valid row
         lane, warp = T.meta_var(T.truncmod(tx, 32)), T.meta_var(T.truncdiv(tx, 32))
         ctx = T.meta_var(streamk.WalkContext(
-            SL=src.SL, LENS=lens, B=src.B, H=src.HKV, LMAX=src.LMAX, CUM=cum, NW=num_workers, SPLITS=num_splits,
+            SL=src.SL, LENS=lens, B=src.B, H=src.TILES, LMAX=src.LMAX, CUM=cum, NW=num_workers, SPLITS=num_splits,
             srch=srch, QR=qr, FLAGS=FLAGS, seen=seen, WSUM=wsum, VALID=valid, tx=tx, lane=lane, warp=warp, bx=bx,
             grid=grid, TRACE=TRACE))
         bufs = T.meta_var(SimpleNamespace(
-            **vars(src), O=O, LSE=LSE, WSO=WSO, WSML=WSML, G=T.truncdiv(src.HQ, src.HKV), soff=soff, goff=goff,
+            **vars(src), O=O, LSE=LSE, WSO=WSO, WSML=WSML, G=src.ROWS, soff=soff, goff=goff,
             gaddr=gaddr, left=left, RING=ring, ACCW=accw, MW=mw, LW=lw, qw=qw, acc=acc, mrow=mrow,
             lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, m_new=m_new, m_safe=m_safe, alpha=alpha, beta=beta,
-            shfl=shfl, eo=eo, em=em, el=el, w4=w4, mc=mc, lc=lc, ok=ok, tx=tx, lane=lane, warp=warp,
-            scale_log2=softmax_scale * T.float32(LOG2E), lse_unit=lse.unit, lse_empty=lse.empty))
+            shfl=shfl, eo=eo, em=em, el=el, w4=w4, mc=mc, lc=lc, ok=ok, qoff=qoff, last=last, tx=tx, lane=lane,
+            warp=warp, scale_log2=softmax_scale * T.float32(LOG2E), lse_unit=lse.unit, lse_empty=lse.empty))
         walk(ctx, op, bufs)
 
     return kernel
@@ -478,7 +605,7 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs | None = None, name: st
         src = T.meta_var(SimpleNamespace(
             QW=QW, KF=KF, VF=VF, sqb=sqb, sqh=sqh, skb=skb, skh=skh, skl=skl, svb=svb, svh=svh, svl=svl, SL=SL,
             B=T.Cast("int32", B), HQ=T.Cast("int32", HQ), HKV=T.Cast("int32", HKV), LMAX=T.Cast("int32", LMAX),
-            rows=dense_rows))
+            ROWS=T.truncdiv(T.Cast("int32", HQ), T.Cast("int32", HKV)), TILES=T.Cast("int32", HKV), rows=dense_rows))
         kernel(src, O, LSE, WSO, WSML, FLAGS, softmax_scale, num_workers, num_splits, grid, TRACE)
 
     params = list(sig.outputs_last(sig.ATTENTION_PARAMS, sig.ATTENTION_OUTPUTS) if dps else sig.ATTENTION_PARAMS)
@@ -487,4 +614,50 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs | None = None, name: st
     return sig.prim_func(name or spec.name, params, body,
                          ["q", "k", "v", "seq_lens", "o", "lse", "ws_o", "ws_ml", "flags", "softmax_scale",
                           "num_workers", "num_splits", "grid", "trace_buf" if trace else None],
+                         {"tirx.noalias": True, "tirx.is_scheduled": True})
+
+
+def make_gpu_paged_kernel(spec: AttentionSpec, knobs: GpuKnobs | None = None, name: str | None = None):
+    """The paged form's persistent CUDA kernel (``attention_cpu.make_cpu_paged_kernel`` has the
+    contract): q [B, Sq, Hq, D]; k, v page pools [P, Hkv, page, D] (any strides with a contiguous
+    head dim: views of [P, page, Hkv, D] pools or of one combined K/V tensor); block_table int32
+    [B, pages]; seq_lens, leftpad int32 [B]; o [B, Sq, Hq, D]; lse [B, Sq, Hq]. A dense cache is
+    one page per sequence: table[b, 0] = b, page_size_log2 = 30."""
+    GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
+    kernel = gpu_kernel_macro(spec, knobs or GpuKnobs(), paged=True)
+    one, two, d64, g64 = (tvm.tirx.const(x, "int64") for x in (1, 2, D, GM))
+
+    @T.macro
+    def body(q, k, v, block_table, seq_lens, leftpad, o, lse, ws_o, ws_ml, flags, softmax_scale, cache_len,
+             page_size_log2, num_workers, num_splits, grid):
+        B, SQ, HQ, HKV, P, PS, MP, WSN = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), \
+            T.int64(), T.int64()
+        sqb, sqs, sqh, skp, skh, skr = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        svp, svh, svr, stb = T.int64(), T.int64(), T.int64(), T.int64()
+        Q = T.match_buffer(q, (B, SQ, HQ, d64), dt, strides=(sqb, sqs, sqh, one))
+        K = T.match_buffer(k, (P, HKV, PS, d64), dt, strides=(skp, skh, skr, one))
+        V = T.match_buffer(v, (P, HKV, PS, d64), dt, strides=(svp, svh, svr, one))
+        TABLE = T.match_buffer(block_table, (B, MP), "int32", strides=(stb, one))
+        SL = T.match_buffer(seq_lens, (B,), "int32")
+        LP = T.match_buffer(leftpad, (B,), "int32")
+        O = T.match_buffer(o, (B, SQ, HQ, d64), dt)
+        LSE = T.match_buffer(lse, (B, SQ, HQ), "float32")
+        WSO = T.match_buffer(ws_o, (WSN, g64, d64), "float32")
+        WSML = T.match_buffer(ws_ml, (WSN, two, g64), "float32")
+        FLAGS = T.match_buffer(flags, (WSN,), "int32")
+        KF = T.decl_buffer((skp * P,), dt, data=K.data)
+        VF = T.decl_buffer((svp * P,), dt, data=V.data)
+        QW = T.decl_buffer((sqb * B,), "uint32", data=Q.data)
+        TBF = T.decl_buffer((stb * B,), "int32", data=TABLE.data)
+        hkv, hq, sq = T.meta_var(T.Cast("int32", HKV)), T.meta_var(T.Cast("int32", HQ)), T.meta_var(T.Cast("int32", SQ))
+        g = T.meta_var(T.truncdiv(hq, hkv))
+        rows = T.meta_var(T.min(GM, sq * g))
+        lay = T.meta_var(TileLayout(rows, g, sq, T.truncdiv(sq * g + (rows - 1), rows)))
+        src = T.meta_var(SimpleNamespace(
+            QW=QW, KF=KF, VF=VF, TBF=TBF, LP=LP, sqb=sqb, sqs=sqs, sqh=sqh, skp=skp, skh=skh, skr=skr, svp=svp,
+            svh=svh, svr=svr, stb=stb, PSL=page_size_log2, SL=started_lens(SL, LP, cache_len), B=T.Cast("int32", B),
+            HQ=hq, HKV=hkv, LMAX=cache_len, ROWS=rows, TILES=hkv * lay.C, layout=lay))
+        kernel(src, O, LSE, WSO, WSML, FLAGS, softmax_scale, num_workers, num_splits, grid, None)
+
+    return sig.prim_func(name or spec.name + "_paged", sig.PAGED_PARAMS, body, [p.name for p in sig.PAGED_PARAMS],
                          {"tirx.noalias": True, "tirx.is_scheduled": True})

@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .library import ATTENTION_OP, GEMV_OP, MANIFEST, cache_root, find_library_dir, library_name
+from .library import ATTENTION_OP, DENSE, GEMV_OP, MANIFEST, PAGED, cache_root, find_library_dir, library_name
 from .schedule_records import batch_tile_cost, knobs_for, load_records
 from .spec import DTYPES, HEAD_DIMS, MAX_GROUPS, AttentionSpec
 
@@ -100,7 +100,7 @@ def default_specs():
 def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_path: str | None = None,
                keep_source: bool = True) -> dict:
     """Generate, compile and describe one library for ``arch``; returns the manifest."""
-    from .attention_gpu import make_gpu_kernel
+    from .attention_gpu import make_gpu_kernel, make_gpu_paged_kernel
     from .gemv import GEMV_SPECS, make_gpu_gemv
 
     if arch not in SUPPORTED_ARCHS:
@@ -116,13 +116,15 @@ def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_
         cost = batch_tile_cost(records, spec)
         if cost:
             variants.append((f"{spec.name}_batch", dataclasses.replace(knobs, tile_cost=cost)))
-        for name, kn in variants:
-            _log(f"[{i + 1}/{len(specs)}] TensorIR -> schedule: {name} {kn}")
-            funcs[name] = make_gpu_kernel(spec, kn, name=name)
-            kernels.append({"name": name, "op": ATTENTION_OP, "dtype": spec.dtype,
-                            "head_dim": spec.head_dim, "max_group": spec.max_group,
-                            "knobs": dataclasses.asdict(kn), "block_size": kn.block_size,
-                            "dynamic_smem_bytes": kn.ring_bytes(spec)})
+        for form, make in ((DENSE, make_gpu_kernel), (PAGED, make_gpu_paged_kernel)):
+            for name, kn in variants:
+                name = name.replace(spec.name, spec.name + ("_paged" if form == PAGED else ""))
+                _log(f"[{i + 1}/{len(specs)}] TensorIR -> schedule: {name} {kn}")
+                funcs[name] = make(spec, kn, name=name)
+                kernels.append({"name": name, "op": ATTENTION_OP, "form": form, "dtype": spec.dtype,
+                                "head_dim": spec.head_dim, "max_group": spec.max_group,
+                                "knobs": dataclasses.asdict(kn), "block_size": kn.block_size,
+                                "dynamic_smem_bytes": kn.ring_bytes(spec)})
     for gspec in GEMV_SPECS:
         funcs[gspec.name] = make_gpu_gemv(gspec)
         kernels.append({"name": gspec.name, "op": GEMV_OP, **gspec.describe()})
@@ -142,7 +144,7 @@ def compile_library(arch: str, out_dir: str, funcs: dict, kernels: list[dict], k
     nvcc = find_nvcc()
     os.makedirs(out_dir, exist_ok=True)
     _log(f"TIR -> CUDA C++ ({len(funcs)} kernels, {arch})")
-    src = cuda_source_of_module(tvm.IRModule(funcs), arch)
+    src = remember_smem_attribute(cuda_source_of_module(tvm.IRModule(funcs), arch))
     lib = os.path.join(out_dir, library or library_name(arch))
     usage = nvcc_library(arch, src, lib)
     for k in kernels:
@@ -169,6 +171,27 @@ def compile_library(arch: str, out_dir: str, funcs: dict, kernels: list[dict], k
     return manifest
 
 
+_SET_SMEM = re.compile(
+    r"  if \((cuda_arg_\d+) >= 49152\) \{\n"
+    r"    if \(::tvm_cuda_host_check\(cudaFuncSetAttribute\(::(\w+), cudaFuncAttributeMaxDynamicSharedMemorySize, "
+    r"\1\)\) != 0\) return -1;\n  \}\n")
+
+
+def remember_smem_attribute(src: str) -> str:
+    """TVM's generated launchers raise a kernel's dynamic shared memory limit before every launch
+    (a driver call each time); raise it once per device and kernel instead (per device: the
+    attribute belongs to the device's context). A benign race: two threads may both set it."""
+    def once(m: re.Match) -> str:
+        arg, kernel = m.group(1), m.group(2)
+        return (f"  static int {kernel}_smem[64] = {{0}};\n"
+                f"  if ({arg} >= 49152 && {kernel}_smem[cuda_device & 63] < {arg}) {{\n"
+                f"    if (::tvm_cuda_host_check(cudaFuncSetAttribute(::{kernel}, "
+                f"cudaFuncAttributeMaxDynamicSharedMemorySize, {arg})) != 0) return -1;\n"
+                f"    {kernel}_smem[cuda_device & 63] = {arg};\n  }}\n")
+
+    return _SET_SMEM.sub(once, src)
+
+
 def nvcc_library(arch: str, src: str, lib: str) -> dict[str, dict[str, int]]:
     """CUDA C++ (kept beside the library as ``.cu``) -> a shared library that needs only libtvm_ffi
     at run time; returns ptxas's resource usage per kernel."""
@@ -193,7 +216,7 @@ def build_cpu(out_dir: str, specs: Sequence[AttentionSpec], block_size: int = 64
     """The ``llvm`` form: the package's fallback when there is no GPU, loadable by tvm-ffi."""
     import tvm
 
-    from .attention_cpu import make_cpu_kernel
+    from .attention_cpu import make_cpu_kernel, make_cpu_paged_kernel
     from .gemv import GEMV_SPECS, make_cpu_gemv
 
     os.makedirs(out_dir, exist_ok=True)
@@ -204,10 +227,11 @@ def build_cpu(out_dir: str, specs: Sequence[AttentionSpec], block_size: int = 64
         if (spec.dtype, spec.head_dim, spec.max_group) in seen:
             continue
         seen.add((spec.dtype, spec.head_dim, spec.max_group))
-        f = make_cpu_kernel(spec, block_size)
-        funcs[f.attrs["global_symbol"]] = f
-        kernels.append({"name": f.attrs["global_symbol"], "op": ATTENTION_OP, "dtype": spec.dtype,
-                        "head_dim": spec.head_dim, "max_group": spec.max_group, "block_size": block_size})
+        for form, make in ((DENSE, make_cpu_kernel), (PAGED, make_cpu_paged_kernel)):
+            f = make(spec, block_size)
+            funcs[f.attrs["global_symbol"]] = f
+            kernels.append({"name": f.attrs["global_symbol"], "op": ATTENTION_OP, "form": form, "dtype": spec.dtype,
+                            "head_dim": spec.head_dim, "max_group": spec.max_group, "block_size": block_size})
     for gspec in GEMV_SPECS:
         f = make_cpu_gemv(gspec)
         funcs[f.attrs["global_symbol"]] = f

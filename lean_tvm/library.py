@@ -14,8 +14,10 @@ from pathlib import Path
 
 LIBRARY = "lean_tvm_{arch}.so"
 MANIFEST = "manifest.json"
-# manifest["kernels"][i]["op"]: what a kernel computes
+# manifest["kernels"][i]["op"]: what a kernel computes; an attention kernel's "form": DENSE takes
+# [B, Hkv, L, D] caches and one query token, PAGED block tables, Sq tokens and a first valid row.
 ATTENTION_OP, GEMV_OP = "decode_attention", "gemv"
+DENSE, PAGED = "dense", "paged"
 
 
 def library_name(arch: str) -> str:

@@ -16,13 +16,16 @@ from pathlib import Path
 
 import torch
 
-from .library import ATTENTION_OP, GEMV_OP, MANIFEST, find_library_dir, search_dirs
+from .library import ATTENTION_OP, DENSE, GEMV_OP, MANIFEST, PAGED, find_library_dir, search_dirs
 from .plan import STREAM_K, stream_k_workers
 from .spec import GEMV_ROWS
 
 
 class LibraryNotFound(RuntimeError):
     pass
+
+
+DENSE_PAGE_LOG2 = 30  # a dense cache read through the paged kernel: one page of 2^30 rows per sequence
 
 
 def device_arch(device: torch.device) -> str:
@@ -60,6 +63,7 @@ class KernelInfo:
     block_size: int
     ctas_per_sm: int
     tile_cost: int = 0  # > 0: the batch variant (stream-K shares equal in cost, plan.stream_k_edges)
+    form: str = DENSE  # DENSE: [B, Hkv, L, D] caches, one token; PAGED: block tables, Sq tokens, leftpad
 
 
 class Library:
@@ -76,16 +80,20 @@ class Library:
         self.module = tvm_ffi.load_module(str(self.path))
         self.kernels = [
             KernelInfo(k["name"], k["dtype"], k["head_dim"], k["max_group"], k["block_size"],
-                       k.get("knobs", {}).get("ctas_per_sm", 1), k.get("knobs", {}).get("tile_cost", 0))
+                       k.get("knobs", {}).get("ctas_per_sm", 1), k.get("knobs", {}).get("tile_cost", 0),
+                       k.get("form", DENSE))
             for k in self.manifest["kernels"] if k["op"] == ATTENTION_OP
         ]
         self.gemv = {k["dtype"]: k["name"] for k in self.manifest["kernels"] if k["op"] == GEMV_OP}
         self._functions = {}
 
-    def attention_kernel(self, dtype: str, head_dim: int, group: int, batch: int = 1) -> KernelInfo | None:
-        """The smallest group that serves ``group``; for ``batch`` > 1 its batch variant (a tile
-        cost in the stream-K plan) when the library has one, for one sequence the plain kernel."""
-        fits = [k for k in self.kernels if k.dtype == dtype and k.head_dim == head_dim and k.max_group >= group]
+    def attention_kernel(self, dtype: str, head_dim: int, group: int, batch: int = 1,
+                         form: str = DENSE) -> KernelInfo | None:
+        """The smallest group that serves ``group`` query rows per tile; for ``batch`` > 1 its batch
+        variant (a tile cost in the stream-K plan) when the library has one, for one sequence the
+        plain kernel. ``form``: DENSE or PAGED."""
+        fits = [k for k in self.kernels if k.dtype == dtype and k.head_dim == head_dim and k.max_group >= group
+                and k.form == form]
         if not fits:
             return None
         smallest = min(k.max_group for k in fits)
@@ -98,7 +106,7 @@ class Library:
         return self._functions[name]
 
     def supported(self) -> str:
-        return ", ".join(sorted({f"{k.dtype}/D{k.head_dim}/G<={k.max_group}" for k in self.kernels}))
+        return ", ".join(sorted({f"{k.dtype}/D{k.head_dim}/G<={k.max_group}/{k.form}" for k in self.kernels}))
 
 
 _LIBRARIES: dict[str, Library] = {}
@@ -260,3 +268,45 @@ def _prepare_attention(q, hkv: int, num_splits: int, num_ctas: int | None, kerne
         num_ctas = stream_k_workers(batch * hkv, -(-max_len // info.block_size), resident)
     workers, grid = _workers_and_grid(q.device, batch * hkv, num_splits, num_ctas, info.ctas_per_sm)
     return lib.function(info.name), workers, grid, ((info.max_group, head_dim), (2, info.max_group))
+
+
+def paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None = None) -> Callable:
+    """``launch(q, k, v, block_table, seq_lens, leftpad, out, lse, scale, page_size_log2)`` of the
+    paged kernel for q4 [B, Sq, Hq, D]'s device, dtype and shape, ``hkv`` KV heads and a cache of
+    ``cache_len`` rows per sequence (pages x page size; a dense cache's length): resolved once per
+    shape like :func:`attention_launcher`. The pools are [P, Hkv, page, D] views."""
+    key = (q4.device, q4.dtype, q4.shape, hkv, cache_len, num_ctas, PAGED)
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        launch = _LAUNCHES[key] = _make_paged_launcher(q4, hkv, cache_len, num_ctas)
+    return launch
+
+
+def tile_rows(sq: int, group: int, max_group: int) -> tuple[int, int]:
+    """(rows per tile, tiles per KV head) of the paged form: the Sq x G query rows of a KV head in
+    chunks of at most ``max_group`` (``attention_cpu.TileLayout``)."""
+    rows = min(max_group, sq * group)
+    return rows, -(-sq * group // rows)
+
+
+def _make_paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None) -> Callable:
+    lib = library_for(q4.device)
+    batch, sq, hq, head_dim = q4.shape
+    dtype = str(q4.dtype).removeprefix("torch.")
+    groups = [k.max_group for k in lib.kernels if (k.dtype, k.head_dim, k.form) == (dtype, head_dim, PAGED)]
+    info = lib.attention_kernel(dtype, head_dim, min(sq * (hq // hkv), max(groups, default=0)), batch, PAGED)
+    if info is None:
+        raise ValueError(f"no paged kernel in {lib.path} for {q4.dtype}, head dim {head_dim} (it has: "
+                         f"{lib.supported()})")
+    tiles = batch * hkv * tile_rows(sq, hq // hkv, info.max_group)[1]
+    if num_ctas is None:
+        num_ctas = stream_k_workers(tiles, -(-cache_len // info.block_size), num_sms(q4.device) * info.ctas_per_sm)
+    workers, grid = _workers_and_grid(q4.device, tiles, STREAM_K, num_ctas, info.ctas_per_sm)
+    fn, shapes, device = lib.function(info.name), ((info.max_group, head_dim), (2, info.max_group)), q4.device
+
+    def launch(q, k, v, block_table, seq_lens, leftpad, out, lse, softmax_scale: float, page_size_log2: int) -> None:
+        ws_o, ws_ml, flags = WORKSPACE.get(device, workers, *shapes)
+        fn(q, k, v, block_table, seq_lens, leftpad, out, lse, ws_o, ws_ml, flags, softmax_scale, cache_len,
+           page_size_log2, workers, STREAM_K, grid)
+
+    return launch

@@ -66,3 +66,8 @@ ATTENTION_OUTPUTS = ("o", "lse")
 # The split-K GEMV y = W x.
 GEMV_PARAMS = (handles("w", "x", "k_len", "y", "ws", "flags")
                + scalars(num_workers="int32", num_splits="int32", grid="int32"))
+# Decode attention over a paged (or dense, through a one-page-per-sequence table) KV cache with
+# several query tokens per sequence and a first valid row per sequence.
+PAGED_PARAMS = (handles("q", "k", "v", "block_table", "seq_lens", "leftpad", "o", "lse", "ws_o", "ws_ml", "flags")
+                + scalars(softmax_scale="float32", cache_len="int32", page_size_log2="int32", num_workers="int32",
+                          num_splits="int32", grid="int32"))

@@ -15,7 +15,7 @@ export PYTHONPATH=/tmp/site:$PWD LEAN_TVM_LIB_DIR=${LEAN_TVM_LIB_DIR:-build/sm_9
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$out/gpu.txt"
 for step in "$@"; do
   case $step in
-    tests) timeout 500 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" | tail -15 ;;
+    tests) timeout 500 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_gpu_paged.py 2>&1 | tee "$out/gpu_tests.txt" | tail -15 ;;
     sanitize)
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
         timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_check.py > "$out/sanitize_$tool.txt" 2>&1

@@ -1,5 +1,6 @@
-"""Per-call wall time from Python (no CUDA graph), B=1 Hq/Hkv 32/8 D=128 L=4k: the public API,
-the pieces of its eager path, the launch path under it, the bare tvm-ffi call, and torch SDPA.
+"""Per-call wall time from Python (no CUDA graph), B=1 Hq/Hkv 32/8 D=128 L=4k: the public API (dense
+and paged), the pieces of its eager path, the launch path under it, the bare tvm-ffi call beside
+a 3-argument one (what tvm-ffi's tensor conversion costs), and torch SDPA.
 
     python scripts/host_overhead.py          # CUDA
     python scripts/host_overhead.py --cpu    # host-side proxy: CPU tensors, the kernel call a no-op
@@ -57,6 +58,11 @@ def main() -> None:
     if args.cpu:
         torch.set_num_threads(1)
         _no_kernel()
+    import tvm_ffi
+
+    print(f"torch {torch.__version__}, tvm-ffi {getattr(tvm_ffi, '__version__', '?')}, torch's DLPack C exchange "
+          f"API: {hasattr(torch.Tensor, '__dlpack_c_exchange_api__')}, library {runtime.library_for(dev).path}",
+          flush=True)
     q = torch.randn(1, 32, 128, device=dev, dtype=torch.float16)
     k = torch.randn(1, 8, 4096, 128, device=dev, dtype=torch.float16)
     v = torch.randn_like(k)
@@ -67,12 +73,15 @@ def main() -> None:
     fn, workers, grid, shapes = runtime._prepare_attention(q, 8, 0, None, None, k.shape[2])
     ws = runtime.WORKSPACE.get(dev, workers, *shapes)
     plan = torch_ops._plan(q, k, v, lens, "bhld", None)
+    pages = k.transpose(1, 2).reshape(256, 16, 8, 128)  # [P, page, Hkv, D], table 0..255
+    table = torch.arange(256, dtype=torch.int32, device=dev).view(1, 256)
     rows = {
-        "lean_tvm.decode_attention(..., check_lengths=False)":
-            lambda: lean_tvm.decode_attention(q, k, v, lens, check_lengths=False),
-        "  ... out=out": lambda: lean_tvm.decode_attention(q, k, v, lens, out=out, check_lengths=False),
-        "  ... return_lse=True": lambda: lean_tvm.decode_attention(q, k, v, lens, return_lse=True, check_lengths=False),
-        "  ... checks lengths (one D2H copy)": lambda: lean_tvm.decode_attention(q, k, v, lens),
+        "lean_tvm.decode_attention (the default: no host sync)": lambda: lean_tvm.decode_attention(q, k, v, lens),
+        "  ... out=out": lambda: lean_tvm.decode_attention(q, k, v, lens, out=out),
+        "  ... return_lse=True": lambda: lean_tvm.decode_attention(q, k, v, lens, return_lse=True),
+        "  ... check_lengths=True (one D2H copy)": lambda: lean_tvm.decode_attention(q, k, v, lens, check_lengths=True),
+        "  ... paged (block_table, pages of 16)":
+            lambda: lean_tvm.decode_attention(q, pages, pages, lens, block_table=table, layout="blhd"),
         "piece: cached checks (torch_ops._plan, a hit)": lambda: torch_ops._plan(q, k, v, lens, "bhld", None),
         "piece: all checks (torch_ops.check_inputs, a miss)":
             lambda: torch_ops.check_inputs(q, k, v, lens, None, "bhld", None, False),
@@ -80,9 +89,15 @@ def main() -> None:
         "piece: lse scratch (WORKSPACE.scratch)": lambda: runtime.WORKSPACE.scratch(dev, plan.lse_shape),
         "piece: launcher (workspace + kernel call)": lambda: plan.launch(q, k, v, lens, out, lse, scale),
         "runtime.launch_attention": lambda: runtime.launch_attention(q, k, v, lens, out, lse, scale),
-        "bare tvm-ffi kernel call" + (" (a no-op here)" if args.cpu else ""):
+        "bare tvm-ffi kernel call, 13 arguments" + (" (a no-op here)" if args.cpu else ""):
             lambda: fn(q, k, v, lens, out, lse, *ws, scale, workers, 0, grid),
     }
+    if not args.cpu:
+        small = runtime.library_for(dev).function("stream_k_gemv_float16")
+        w, x, y = (torch.randn(16, 8, device=dev).half(), torch.randn(8, device=dev).half(),
+                   torch.empty(16, device=dev).half())
+        one, ws_g, flags_g = torch.tensor([8], dtype=torch.int32, device=dev), *runtime.WORKSPACE.get(dev, 1, (16,))
+        rows["bare tvm-ffi GEMV call, 9 arguments (6 tensors)"] = lambda: small(w, x, one, y, ws_g, flags_g, 1, 0, 1)
     if not args.cpu:
         q4 = q[:, :, None]
         rows["torch SDPA (cuDNN)"] = lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)

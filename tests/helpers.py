@@ -1,7 +1,9 @@
-"""Test helpers: tolerances by dtype, the attention comparison, the CUDA skip."""
+"""Test helpers: tolerances by dtype, the attention comparison, the CUDA skip, a paged case."""
 
 import pytest
 import torch
+
+from lean_tvm.reference import decode_attention_reference, gather_pages
 
 TOLERANCES = {  # output vs float64: P is rounded to the input dtype for the second product
     torch.float16: dict(atol=2e-3, rtol=1e-2),
@@ -19,3 +21,32 @@ def assert_attention_close(o, lse, ref_o, ref_lse, dtype):
     torch.testing.assert_close(o.double(), ref_o, **TOLERANCES[dtype])
     assert (lse[empty] == float("-inf")).all() and (o.double()[empty] == 0).all()
     torch.testing.assert_close(lse.double()[~empty], ref_lse[~empty], **LSE_TOL)
+
+
+def paged_case(lens, sq, hq, hkv, page, dtype=torch.float16, layout="blhd", head_dim=64, seed=0, share=False, spare=2,
+               device="cpu"):
+    """q [B, Sq, Hq, D], K/V pools with shuffled pages (``share``: the second sequence reuses the
+    first one's first page, as prefix caching does) and a block table with unused trailing entries."""
+    g = torch.Generator().manual_seed(seed)
+    npages = [-(-n // page) for n in lens]
+    width = max(npages, default=0) + spare
+    total = sum(npages) + 3
+    perm = torch.randperm(total, generator=g).to(torch.int32)
+    table = torch.full((len(lens), width), 10**6, dtype=torch.int32)  # entries past a sequence's pages: never read
+    at = 0
+    for b, p in enumerate(npages):
+        table[b, :p] = perm[at:at + p]
+        at += p
+    if share and len(lens) > 1 and npages[0] and npages[1]:
+        table[1, 0] = table[0, 0]
+    shape = (total, page, hkv, head_dim) if layout == "blhd" else (total, hkv, page, head_dim)
+    k = torch.randn(shape, generator=g).to(dtype)
+    v = torch.randn(shape, generator=g).to(dtype)
+    q = torch.randn(len(lens), sq, hq, head_dim, generator=g).to(dtype)
+    return tuple(t.to(device) for t in (q, k, v, table, torch.tensor(lens, dtype=torch.int32)))
+
+
+def paged_reference(q, k, v, table, lens, layout, scale):
+    """float64 (o, lse) of a paged case, through its dense copy."""
+    kd, vd = gather_pages(k, table, lens.tolist(), layout), gather_pages(v, table, lens.tolist(), layout)
+    return decode_attention_reference(q, kd, vd, lens.tolist(), scale)

@@ -18,7 +18,7 @@ from lean_tvm import runtime as rt
 from lean_tvm.bench import grid as G
 from lean_tvm.bench import libraries, report, suite, systems, timing, tvm_peer
 from lean_tvm.bench.timing import Stats
-from lean_tvm.reference import decode_attention_reference
+from lean_tvm.reference import decode_attention_reference, gather_pages
 
 K = 1024
 
@@ -239,8 +239,8 @@ def test_tvm_pages_gather_back_to_the_dense_cache():
 
 def test_tvm_peer_variants_cover_the_grid():
     variants = tvm_peer.suite_variants()
-    assert len(variants) == len(set(variants)) == len({v.name for v in variants}) == 14
-    for s in G.full_grid() + G.quick_grid():
+    assert len(variants) == len(set(variants)) == len({v.name for v in variants}) == 12
+    for s in G.full_grid() + G.quick_grid() + G.serving_grid():
         assert tvm_peer.Variant(s.hq, s.hkv, s.head_dim, s.dtype) in variants, s.name
 
 
@@ -378,9 +378,12 @@ def fake_launch(q, k, v, seq_lens, out, lse, scale, num_splits=0, num_ctas=None,
         out.mul_(1.5)
 
 
-def fake_decode_attention(q, k, v, lens, *, softmax_scale, out, layout):
-    out.copy_(exact(q, k if layout == "bhld" else k.transpose(1, 2), v if layout == "bhld" else v.transpose(1, 2),
-                    lens, softmax_scale))
+def fake_decode_attention(q, k, v, lens, *, softmax_scale, out, layout, block_table=None):
+    if block_table is not None:
+        k, v = gather_pages(k, block_table, lens.tolist(), layout), gather_pages(v, block_table, lens.tolist(), layout)
+    elif layout == "blhd":
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    out.copy_(decode_attention_reference(q, k, v, lens.tolist(), softmax_scale)[0])
     return out
 
 
@@ -423,6 +426,34 @@ def test_one_shape_end_to_end_with_fakes(monkeypatch, tmp_path):
         assert by[report.STREAM]["round_lo_us"] == 10.0
     md = report.markdown(rows)
     assert "flashinfer not importable" in md
+
+
+def test_serving_rows_end_to_end_with_fakes(monkeypatch, tmp_path):
+    """Paged and several-token rows: the lean row reads the page pool, lean-dense the dense copy,
+    the dense kernel's variants say they do not apply, SDPA gets the bottom-right mask."""
+    fake_gpu(monkeypatch)
+    monkeypatch.setenv("LEAN_TVM_FA3", str(tmp_path))
+    b = suite.Bench(torch.device("cpu"), report.SYSTEMS, reps=2, rounds=1, seed=0)
+    for shape in (G.served(G.uniform(2, 300, 8, 2, 64), 16, 3), G.served(G.ragged("t", [260, 37, 1], hq=8, hkv=2,
+                                                                                     d=64), 4)):
+        by = {r["system"]: r for r in b.run_shape(shape)}
+        for lean in ("lean", "lean-dense"):
+            assert by[lean]["ok"] is True and by[lean]["rel_err"] < 1e-2, (shape.name, lean, by[lean]["note"])
+        for dense_only in ("lean-blhd", "lean-nosplit", "lean-fixedsplit"):
+            assert "dense one-token rows" in by[dense_only]["note"]
+        assert by["cudnn"]["ok"] is True or by["cudnn"]["note"]
+        assert by["lean"]["move_bytes"] == shape.move_bytes
+
+
+def test_page_pool_holds_the_dense_rows():
+    shape = G.served(G.ragged("t", [100, 16, 1, 33], hq=8, hkv=2, d=64), 8)
+    case = systems.make_case(shape, torch.device("cpu"), seed=0)
+    for kv in (0, 1):
+        dense = gather_pages(case.pool[kv], case.table, list(shape.lens), "blhd")
+        for b, n in enumerate(shape.lens):
+            assert torch.equal(dense[b, :, :n], case.kv[kv, b, :, :n])
+    used = torch.cat([case.table[b, :-(-n // 8)] for b, n in enumerate(shape.lens)])
+    assert sorted(used.tolist()) == list(range(case.pool.shape[1])) and used.tolist() != sorted(used.tolist())
 
 
 def test_a_sweep_skips_wrong_candidates(monkeypatch):

@@ -210,3 +210,13 @@ print(runtime.library_for(q.device).path.name, [m for m in sys.modules if m.spli
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "reached the kernel" in res.stdout and "lean_tvm_sm_90a.so []" in res.stdout, res.stdout
+
+
+@needs_nvcc
+def test_launchers_raise_the_shared_memory_limit_once_per_device(built):
+    """Every launcher that raises a kernel's dynamic shared memory limit does it once per device
+    (build.remember_smem_attribute), not before every launch."""
+    arch, out, _ = built
+    src = (out / f"lean_tvm_{arch}.cu").read_text()
+    sets = src.count("cudaFuncSetAttribute(::")
+    assert sets >= 4 and src.count("_smem[cuda_device & 63] = ") == sets

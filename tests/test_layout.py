@@ -14,9 +14,11 @@ ROOT = Path(__file__).resolve().parents[1] / "lean_tvm"
 # modules; the benchmark package sits on top of everything.
 LAYERS = [
     ["lean_tvm.spec", "lean_tvm.softmax", "lean_tvm.library", "lean_tvm.plan", "lean_tvm.reference"],
-    ["lean_tvm.merge", "lean_tvm.signature", "lean_tvm.streamk", "lean_tvm.compute", "lean_tvm.schedule_records"],
+    ["lean_tvm.checks", "lean_tvm.merge", "lean_tvm.signature", "lean_tvm.tiles", "lean_tvm.streamk",
+     "lean_tvm.compute", "lean_tvm.schedule_records"],
     ["lean_tvm.attention_cpu", "lean_tvm.attention_gpu", "lean_tvm.gemv", "lean_tvm.codegen", "lean_tvm.runtime"],
-    ["lean_tvm.build", "lean_tvm.torch_ops", "lean_tvm.relax.op"],
+    ["lean_tvm.build", "lean_tvm.paged_ops", "lean_tvm.relax.op"],
+    ["lean_tvm.torch_ops"],
     ["lean_tvm.relax.rewrite", "lean_tvm.relax.kv_cache", "lean_tvm.distributed"],
     ["lean_tvm.relax", "lean_tvm"],
     ["lean_tvm.bench.grid", "lean_tvm.bench.timing", "lean_tvm.bench.yardstick"],
@@ -28,9 +30,11 @@ LAYERS = [
     ["lean_tvm.bench.__main__"],
 ]
 RUN_HALF = {"lean_tvm", "lean_tvm.spec", "lean_tvm.softmax", "lean_tvm.library", "lean_tvm.plan",
-            "lean_tvm.reference", "lean_tvm.merge", "lean_tvm.runtime", "lean_tvm.torch_ops", "lean_tvm.distributed"}
-BUILD_HALF = {"lean_tvm.signature", "lean_tvm.streamk", "lean_tvm.compute", "lean_tvm.schedule_records",
-              "lean_tvm.attention_cpu", "lean_tvm.attention_gpu", "lean_tvm.gemv", "lean_tvm.codegen",
+            "lean_tvm.reference", "lean_tvm.merge", "lean_tvm.checks", "lean_tvm.runtime", "lean_tvm.paged_ops",
+            "lean_tvm.torch_ops", "lean_tvm.distributed"}
+BUILD_HALF = {"lean_tvm.signature", "lean_tvm.tiles", "lean_tvm.streamk", "lean_tvm.compute",
+              "lean_tvm.schedule_records", "lean_tvm.attention_cpu", "lean_tvm.attention_gpu", "lean_tvm.gemv",
+              "lean_tvm.codegen",
               "lean_tvm.build", "lean_tvm.relax", "lean_tvm.relax.op", "lean_tvm.relax.rewrite",
               "lean_tvm.relax.kv_cache"}
 RUN_HALF_THIRD_PARTY = {"torch", "numpy", "tvm_ffi", "matplotlib"}  # matplotlib: plan's --png only

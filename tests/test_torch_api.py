@@ -92,7 +92,8 @@ BAD = [
     ("cache_seqlens", ValueError, dict(cache_seqlens=torch.tensor([-1, 3], dtype=torch.int32))),
     ("cache_seqlens.dtype", TypeError, dict(cache_seqlens=torch.tensor([10, 3]))),
     ("cache_seqlens.shape", ValueError, dict(cache_seqlens=torch.tensor([10, 3, 4], dtype=torch.int32))),
-    ("q.shape", ValueError, dict(q=torch.randn(2, 2, 8, 64).half())),
+    ("q.shape", ValueError, dict(q=torch.randn(2, 17, 8, 64).half())),
+    ("q.shape", ValueError, dict(q=torch.randn(2, 8).half())),
     ("k_cache.shape[0]", ValueError, dict(k_cache=torch.randn(3, 2, 100, 64).half(),
                                           v_cache=torch.randn(3, 2, 100, 64).half())),
     ("k_cache/v_cache.shape", ValueError, dict(v_cache=torch.randn(2, 2, 99, 64).half())),
@@ -149,15 +150,15 @@ def test_an_empty_batch_returns_empty_tensors():
 def test_default_length_checks_never_wait_for_the_gpu(monkeypatch):
     """The default checks lengths already on the CPU, never ones on a GPU (that would be a
     device-to-host copy) unless LEAN_TVM_CHECK=1; True and False are honoured as given."""
-    from lean_tvm import torch_ops
+    from lean_tvm import checks
 
     on_gpu = torch.empty(2, dtype=torch.int32, device="meta")  # stands in for a CUDA tensor
     on_cpu = torch.zeros(2, dtype=torch.int32)
     monkeypatch.delenv("LEAN_TVM_CHECK", raising=False)
-    assert torch_ops._checks_lengths(None, on_cpu) and not torch_ops._checks_lengths(None, on_gpu)
-    assert torch_ops._checks_lengths(True, on_gpu) and not torch_ops._checks_lengths(False, on_cpu)
+    assert checks.checks_lengths(None, on_cpu) and not checks.checks_lengths(None, on_gpu)
+    assert checks.checks_lengths(True, on_gpu) and not checks.checks_lengths(False, on_cpu)
     monkeypatch.setenv("LEAN_TVM_CHECK", "1")
-    assert torch_ops._checks_lengths(None, on_gpu)
+    assert checks.checks_lengths(None, on_gpu)
 
 
 def test_unchecked_lengths_past_the_cache_are_clamped():

@@ -23,7 +23,8 @@ SHORT_DTYPE = {"float16": "fp16", "bfloat16": "bf16"}
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """One decode step: a query token per sequence against ``lens[b]`` cached K/V rows."""
+    """One decode step: ``q_len`` query tokens per sequence against ``lens[b]`` cached K/V rows, in
+    a dense cache or (``page_size`` > 0) in pages of a pool read through a block table."""
 
     name: str
     lens: tuple[int, ...]
@@ -32,6 +33,8 @@ class Shape:
     head_dim: int
     dtype: str = "float16"
     ragged: bool = False
+    page_size: int = 0  # 0: a dense cache
+    q_len: int = 1
 
     @property
     def batch(self) -> int:
@@ -51,13 +54,19 @@ class Shape:
 
     @property
     def move_bytes(self) -> int:
-        return move_bytes(self.lens, self.hq, self.hkv, self.head_dim, ELEM_SIZE[self.dtype])
+        return move_bytes(self.lens, self.hq, self.hkv, self.head_dim, ELEM_SIZE[self.dtype], self.q_len)
+
+    @property
+    def serving(self) -> bool:
+        """Paged or several tokens: the paged form's row (its own systems)."""
+        return self.page_size > 0 or self.q_len > 1
 
     @property
     def alloc_len(self) -> int:
         """Rows per sequence in the contiguous cache: the longest length rounded up to a page, so
         that every sequence's last (partial) page can be copied whole into the paged cache."""
-        return -(-self.max_len // PAGE_SIZE) * PAGE_SIZE
+        page = max(PAGE_SIZE, self.page_size)
+        return -(-self.max_len // page) * page
 
 
 def kv_bytes(lens: Iterable[int], hkv: int, head_dim: int, elem_size: int) -> int:
@@ -65,9 +74,9 @@ def kv_bytes(lens: Iterable[int], hkv: int, head_dim: int, elem_size: int) -> in
     return 2 * sum(lens) * hkv * head_dim * elem_size
 
 
-def move_bytes(lens: Sequence[int], hq: int, hkv: int, head_dim: int, elem_size: int) -> int:
+def move_bytes(lens: Sequence[int], hq: int, hkv: int, head_dim: int, elem_size: int, q_len: int = 1) -> int:
     """Bytes that must move: the K+V read, the query read and the output write."""
-    return kv_bytes(lens, hkv, head_dim, elem_size) + 2 * len(lens) * hq * head_dim * elem_size
+    return kv_bytes(lens, hkv, head_dim, elem_size) + 2 * len(lens) * q_len * hq * head_dim * elem_size
 
 
 def fmt_len(n: int) -> str:
@@ -119,14 +128,33 @@ def full_grid(cap_bytes: float = KV_CAP_BYTES, seed: int = 0) -> list[Shape]:
 
 def quick_grid(cap_bytes: float = KV_CAP_BYTES, seed: int = 0) -> list[Shape]:
     """The shapes that show the story in a couple of minutes: the fixed cost at B=1, long
-    contexts, many short sequences, one KV head, an odd group, other dtypes and head dims, and
-    two ragged batches."""
+    contexts, many short sequences, one KV head, an odd group, bf16, and two ragged batches (the
+    full grid has the other head dims)."""
     shapes = [uniform(1, n, 32, 8) for n in (4 * K, 16 * K, 64 * K, 256 * K)]
     shapes += [uniform(8, 4 * K, 32, 8), uniform(32, 2 * K, 32, 8), uniform(128, K, 32, 8)]
     shapes += [uniform(1, 32 * K, 8, 1), uniform(4, 12 * K, 28, 4)]
-    shapes += [uniform(1, 16 * K, 32, 8, 64, "bfloat16"), uniform(1, 16 * K, 32, 8, 256, "bfloat16")]
+    shapes += [uniform(1, 16 * K, 32, 8, 128, "bfloat16")]
     shapes += [s for s in ragged_shapes(seed, long_lens=(128 * K,)) if s.name.split()[1] in ("1x128k+15x1k-4k",
                                                                                            "2x64k+30x512")]
+    return [s for s in shapes if s.kv_bytes <= cap_bytes]
+
+
+def served(shape: Shape, page_size: int = 0, q_len: int = 1) -> Shape:
+    """``shape`` in a paged cache and/or with several query tokens (its name says which)."""
+    name = shape.name + (f" p{page_size}" if page_size else "") + (f" Sq{q_len}" if q_len > 1 else "")
+    return dataclasses.replace(shape, name=name, page_size=page_size, q_len=q_len)
+
+
+def serving_grid(cap_bytes: float = KV_CAP_BYTES, seed: int = 0) -> list[Shape]:
+    """What serving engines run: paged caches (pages of 1, 16 and 64 rows; fp16, 32/8 x 128 and the
+    ragged batches) and Sq = 2, 4, 8 new tokens per sequence (speculative decoding) over pages of 16."""
+    base = [uniform(1, n, 32, 8) for n in (4 * K, 64 * K)]
+    base += [uniform(8, 4 * K, 32, 8), uniform(32, 2 * K, 32, 8), uniform(128, K, 32, 8)]
+    base += [s for s in ragged_shapes(seed, long_lens=(128 * K,)) if s.name.split()[1] in ("1x128k+15x1k-4k",
+                                                                                        "2x64k+30x512")]
+    shapes = [served(s, page) for page in (16, 1, 64) for s in base]
+    tokens = [uniform(1, 16 * K, 32, 8), uniform(1, 64 * K, 32, 8), uniform(8, 8 * K, 32, 8), uniform(32, 4 * K, 32, 8)]
+    shapes += [served(s, 16, q) for q in (2, 4, 8) for s in tokens]
     return [s for s in shapes if s.kv_bytes <= cap_bytes]
 
 

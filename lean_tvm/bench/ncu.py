@@ -61,11 +61,10 @@ def child(args) -> None:
     for shape in grid:
         case = sy.make_case(shape, dev, args.seed)
         runners = {suite.STREAM: sy.stream_runner(case, b.lib, b.sink, b.sms * 4)}
-        paged = None
+        caches = {}
         for system in systems:
             try:
-                paged = b.paged_for(system, case, paged)
-                runners[system] = b.runner(system, case, paged)
+                runners[system] = b.runner(system, case, b.paged_for(system, case, caches))
             except sy.Unsupported as e:
                 print(f"[lean_tvm.bench.ncu] {shape.name} {system}: skipped ({e})", flush=True)
         for system, runner in runners.items():
@@ -80,7 +79,7 @@ def child(args) -> None:
                 cudart.cudaProfilerStop()
             order.append(f"{shape.name} | {system}")
             print(f"[lean_tvm.bench.ncu] {shape.name} {system}: profiled", flush=True)
-        del case, paged, runners
+        del case, caches, runners
         torch.cuda.empty_cache()
     Path(args.order).write_text("\n".join(order) + "\n")
     lib = runtime.library_for(dev)

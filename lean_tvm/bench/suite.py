@@ -2,6 +2,7 @@
 
     python -m lean_tvm.bench --quick                 # the quick grid, a few minutes
     python -m lean_tvm.bench --full --out DIR        # the whole grid (use --resume/--max-minutes)
+    python -m lean_tvm.bench --serving               # paged caches and several tokens per sequence
     python -m lean_tvm.bench --list [--full]         # print the grid; needs no GPU
     python -m lean_tvm.bench --replot DIR            # rewrite results.md and plots from results.csv
 
@@ -32,6 +33,7 @@ back, and for ``lean`` also the replay of a captured CUDA graph.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import hashlib
@@ -49,7 +51,7 @@ import torch
 from lean_tvm import library, runtime
 
 from . import report
-from .grid import KV_CAP_BYTES, Shape, full_grid, quick_grid, select_shapes
+from .grid import KV_CAP_BYTES, Shape, full_grid, quick_grid, select_shapes, serving_grid
 from .libraries import BenchLibrary
 from .report import STREAM, SYSTEMS, TVM_TIR, finite, shape_row
 from .systems import (
@@ -77,7 +79,8 @@ from .systems import (
 )
 from .timing import Timer, gpu_clocks, interleaved
 
-PAGED_PEERS = ("flashinfer", "flashinfer-tc", TVM_TIR)  # they share one paged copy of the cache
+PAGED_PEERS = ("flashinfer", "flashinfer-tc", TVM_TIR)  # they read a paged cache
+DENSE_ONLY = ("lean-blhd", "lean-nosplit", "lean-fixedsplit")  # the dense one-token kernel's variants
 SDPA_SYSTEMS = ("cudnn", "flash")
 ROUNDS, REPS = 5, 10
 REPO = Path(__file__).resolve().parents[2]
@@ -158,11 +161,11 @@ class Bench:
         case.ref, case.ref_kind = reference(case)
         runners = {STREAM: stream_runner(case, self.lib, self.sink, self.sms * 4)}
         results: dict[str, dict] = {STREAM: {}}
-        paged = None
+        caches: dict[str, PagedCache] = {}
         for system in self.systems:
             progress(system)
             try:
-                paged = self.paged_for(system, case, paged)
+                paged = self.paged_for(system, case, caches)
                 runner, res = self._prepare(system, case, paged)
                 runners[system], results[system] = runner, res
             except Unsupported as e:
@@ -182,7 +185,7 @@ class Bench:
             if name != STREAM:
                 self._host_times(name, runners[name], results[name])
         rows = [shape_row(shape, name, **res) for name, res in results.items()]
-        del case, paged, runners
+        del case, caches, runners
         return report.derive(rows)
 
     def _host_times(self, name: str, runner: Runner, res: dict) -> None:
@@ -195,21 +198,31 @@ class Bench:
                 res["note"] = "; ".join(filter(None, [res.get("note"), f"CUDA graph capture failed: "
                                                       f"{type(e).__name__}: {str(e)[:120]}"]))
 
-    def paged_for(self, system: str, case: Case, paged: PagedCache | None) -> PagedCache | None:
-        """The shape's paged copy of the cache, made when the first paged peer needs it; a paged
-        peer that cannot run says so before the cache is copied for it."""
-        if system not in PAGED_PEERS or paged is not None:
-            return paged
+    def paged_for(self, system: str, case: Case, caches: dict[str, PagedCache]) -> PagedCache | None:
+        """The paged cache ``system`` reads, made on first use and kept in ``caches`` for the
+        shape's other paged peers: TVM's kernel takes a [P, 2, Hkv, 16, D] copy, FlashInfer a paged
+        shape's own pool (else the same copy). A paged peer that cannot run says so before any copy."""
+        if system not in PAGED_PEERS:
+            return None
         error = (self.tvm_peer if system == TVM_TIR else self.fi).error
         if error:
             raise Unsupported(error)
-        return paged_cache(case)
+        kind = "pool" if system != TVM_TIR and case.pool is not None else "copy"
+        if kind not in caches:
+            caches[kind] = paged_cache(case) if kind == "pool" else paged_cache(dataclasses.replace(case, pool=None))
+        return caches[kind]
 
     def runner(self, system: str, case: Case, paged: PagedCache | None) -> Runner:
         """One call of ``system`` on ``case`` (``paged``: from :meth:`paged_for`); the sweeps
         (``lean-fixedsplit``, ``fa3-best``) are :meth:`_prepare`'s."""
-        if system in ("lean", "lean-blhd"):
-            return lean_runner(case, "bhld" if system == "lean" else "blhd")
+        serving = case.shape.serving
+        if system in DENSE_ONLY and serving:
+            raise Unsupported(f"{system} runs the dense one-token rows (the lean row is the paged form here)")
+        if system == "lean-dense" and not serving:
+            raise Unsupported("lean-dense runs the paged and several-token rows (the lean row is it here)")
+        if system in ("lean", "lean-blhd", "lean-dense"):
+            paged = system == "lean" and case.pool is not None
+            return lean_runner(case, "blhd" if system == "lean-blhd" else "bhld", paged=paged)
         if system == "lean-nosplit":
             return lean_split_runner(case, 1)
         if system in SDPA_SYSTEMS:
@@ -229,6 +242,8 @@ class Bench:
     def _prepare(self, system: str, case: Case, paged: PagedCache | None) -> tuple[Runner, dict]:
         """The runner to time and its row's fields so far (correctness, extras, notes)."""
         if system == "lean-fixedsplit":
+            if case.shape.serving:
+                raise Unsupported(f"{system} runs the dense one-token rows (the lean row is the paged form here)")
             probe = lean_split_runner(case, 1)
             candidates = {f"S={S}": lambda S=S: lean_split_runner(case, S)
                           for S in split_candidates(case.shape, probe.extra["block_size"], probe.extra["max_group"])}
@@ -401,6 +416,7 @@ def parse_args(argv: Sequence[str] | None = None):
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the quick grid, a few minutes (the default)")
     mode.add_argument("--full", action="store_true", help="the whole grid (~160 shapes)")
+    mode.add_argument("--serving", action="store_true", help="paged caches (pages of 1/16/64) and Sq = 2/4/8 tokens")
     p.add_argument("--only", help=f"comma-separated systems (default all): {','.join(SYSTEMS)}")
     p.add_argument("--shapes", help="regex: only shapes whose name matches, e.g. 'B1 32/8 D128 fp16'")
     p.add_argument("--out", help="output folder (default results/<gpu>/quick or full in the repository)")
@@ -430,7 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         (out / "results.md").write_text(report.markdown(rows, meta))
         print("\n".join(str(p) for p in [out / "results.md", *report.write_plots(rows, out)]))
         return 0
-    grid = (full_grid if args.full else quick_grid)(args.cap_gb * 1e9, args.seed)
+    which = "full" if args.full else "serving" if args.serving else "quick"
+    grid = {"full": full_grid, "serving": serving_grid, "quick": quick_grid}[which](args.cap_gb * 1e9, args.seed)
     shapes = select_shapes(grid, args.shapes)
     if args.list:
         for s in shapes:
@@ -444,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.lib:
         os.environ["LEAN_TVM_LIB_DIR"] = os.path.abspath(args.lib)
     meta_gpu = torch.cuda.get_device_name(device)
-    out = Path(args.out) if args.out else REPO / "results" / gpu_dir_name(meta_gpu) / ("full" if args.full else "quick")
+    out = Path(args.out) if args.out else REPO / "results" / gpu_dir_name(meta_gpu) / which
     rows = report.read_csv(out / "results.csv") if args.resume and (out / "results.csv").exists() else []
     done = {r["shape"] for r in rows}
     todo = [s for s in shapes if s.name not in done]

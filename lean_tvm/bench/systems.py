@@ -49,6 +49,8 @@ class Case:
     ref_kind: str = ""
     ref_lse: torch.Tensor | None = None  # made on first use (reference_lse)
     kv_blhd: torch.Tensor | None = None  # [2, B, Lalloc, Hkv, D], made on first use (blhd)
+    pool: torch.Tensor | None = None  # paged shapes: K and V pages [2, P, page, Hkv, D] (NHD), shuffled
+    table: torch.Tensor | None = None  # int32 [B, max_pages]: sequence b's pages of ``pool``
 
     @property
     def k(self) -> torch.Tensor:
@@ -66,24 +68,48 @@ class Case:
 
 
 def make_case(shape: Shape, device: torch.device, seed: int) -> Case:
+    """Random K/V (dense), q ([B, Hq, D], or [B, Sq, Hq, D] with several tokens) and, for a paged
+    shape, the same K/V rows in shuffled pages of a pool."""
     dt = getattr(torch, shape.dtype)
     g = torch.Generator(device=device).manual_seed(seed)
     kv = torch.randn(2, shape.batch, shape.hkv, shape.alloc_len, shape.head_dim, device=device, dtype=dt, generator=g)
-    q = torch.randn(shape.batch, shape.hq, shape.head_dim, device=device, dtype=dt, generator=g)
+    tokens = (shape.q_len,) if shape.q_len > 1 else ()
+    q = torch.randn(shape.batch, *tokens, shape.hq, shape.head_dim, device=device, dtype=dt, generator=g)
     seq_lens = torch.tensor(shape.lens, dtype=torch.int32, device=device)
-    return Case(shape, q, kv, seq_lens, 1.0 / math.sqrt(shape.head_dim))
+    case = Case(shape, q, kv, seq_lens, 1.0 / math.sqrt(shape.head_dim))
+    if shape.page_size:
+        case.pool, case.table = page_pool(kv, shape.lens, shape.page_size, seed)
+    return case
+
+
+def page_pool(kv: torch.Tensor, lens: Sequence[int], page: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[2, B, Hkv, Lalloc, D] -> (pool [2, P, page, Hkv, D], block table int32 [B, max_pages]):
+    every sequence's rows in pages of ``page`` rows at shuffled places of the pool (the last page
+    whole, rows past the length included)."""
+    _, _, hkv, _, d = kv.shape
+    pages = [-(-n // page) for n in lens]
+    perm = torch.randperm(sum(pages), generator=torch.Generator().manual_seed(seed)).to(kv.device)
+    pool = torch.empty(2, sum(pages), page, hkv, d, dtype=kv.dtype, device=kv.device)
+    table = torch.zeros(len(lens), max(max(pages), 1), dtype=torch.int32, device=kv.device)
+    at = 0
+    for b, p in enumerate(pages):
+        ids = perm[at:at + p]
+        table[b, :p] = ids.to(torch.int32)
+        pool[:, ids] = kv[:, b, :, :p * page].reshape(2, hkv, p, page, d).permute(0, 2, 3, 1, 4)
+        at += p
+    return pool, table
 
 
 def reference_float64(case: Case, chunk_bytes: int = 512 * M) -> torch.Tensor:
-    """The package's float64 reference, a sequence and a few KV heads at a time, so that a 512k
-    context does not need its whole cache in float64 at once."""
+    """The package's float64 reference (q's shape), a sequence and a few KV heads at a time, so
+    that a 512k context does not need its whole cache in float64 at once."""
     s = case.shape
     g = s.hq // s.hkv
-    out = torch.empty(s.batch, s.hq, s.head_dim, dtype=torch.float64, device=case.q.device)
+    out = torch.empty(case.q.shape, dtype=torch.float64, device=case.q.device)
     for b, n, h0, h1 in head_chunks(s, chunk_bytes, 8):
-        o, _ = decode_attention_reference(case.q[b:b + 1, h0 * g:h1 * g], case.k[b:b + 1, h0:h1],
+        o, _ = decode_attention_reference(case.q[b:b + 1, ..., h0 * g:h1 * g, :], case.k[b:b + 1, h0:h1],
                                           case.v[b:b + 1, h0:h1], [n], case.scale)
-        out[b, h0 * g:h1 * g] = o[0]
+        out[b, ..., h0 * g:h1 * g, :] = o[0]
     return out
 
 
@@ -111,7 +137,7 @@ def head_chunks(shape: Shape, chunk_bytes: int, elem_size: int):
 
 def reference(case: Case) -> tuple[torch.Tensor, str]:
     """SDPA (default dispatch) for uniform batches, float64 for ragged ones (or if SDPA fails)."""
-    if not case.shape.ragged:
+    if not case.shape.ragged and case.shape.q_len == 1:
         n = case.shape.max_len
         try:
             o = torch.nn.functional.scaled_dot_product_attention(
@@ -148,14 +174,21 @@ class Runner:
     lse: Callable[[], torch.Tensor] | None = None  # natural-log [B, Hq] after fn(); checked when given
 
 
-def lean_runner(case: Case, layout: str = "bhld") -> Runner:
+def lean_runner(case: Case, layout: str = "bhld", paged: bool = False) -> Runner:
     """``lean_tvm.decode_attention`` as a user calls it (its default: no host synchronisation),
-    on the [B, Hkv, L, D] cache or on its [B, L, Hkv, D] copy."""
-    k, v = (case.k, case.v) if layout == "bhld" else case.blhd()
+    on the [B, Hkv, L, D] cache, on its [B, L, Hkv, D] copy, or (``paged``) on the page pool."""
     out = torch.empty_like(case.q)
+    if paged:
+        table = case.table
 
-    def fn():
-        lean_tvm.decode_attention(case.q, k, v, case.seq_lens, softmax_scale=case.scale, out=out, layout=layout)
+        def fn():
+            lean_tvm.decode_attention(case.q, case.pool[0], case.pool[1], case.seq_lens, block_table=table,
+                                      softmax_scale=case.scale, out=out, layout="blhd")
+    else:
+        k, v = (case.k, case.v) if layout == "bhld" else case.blhd()
+
+        def fn():
+            lean_tvm.decode_attention(case.q, k, v, case.seq_lens, softmax_scale=case.scale, out=out, layout=layout)
 
     return Runner(fn, lambda: out)
 
@@ -185,22 +218,29 @@ def split_candidates(shape: Shape, block_size: int, max_group: int, workspace_ca
 
 
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION"}
-_SDPA_REASONS: dict[tuple[str, bool], str] = {}
+_SDPA_REASONS: dict[tuple[str, str], str] = {}
 
 
 def sdpa_runner(case: Case, system: str) -> Runner:
-    """SDPA on q [B, Hq, 1, D] and the [B, Hkv, L, D] caches; ragged batches padded + masked."""
+    """SDPA on q [B, Hq, Sq, D] and the dense [B, Hkv, L, D] caches (a paged shape's dense copy);
+    ragged batches padded + masked, several tokens with the bottom-right causal mask."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
 
     backend = getattr(SDPBackend, SDPA_BACKENDS[system])
-    q4 = case.q[:, :, None]
+    sq = case.shape.q_len
+    q4 = case.q[:, :, None] if sq == 1 else case.q.transpose(1, 2)
     k, v = case.k, case.v
     mask = None
     if case.shape.ragged:
         pos = torch.arange(k.shape[2], device=k.device)
-        mask = (pos[None, :] < case.seq_lens[:, None].long())[:, None, None, :]  # [B, 1, 1, Lalloc]
-    elif k.shape[2] != case.shape.max_len:
-        k, v = k[:, :, :case.shape.max_len], v[:, :, :case.shape.max_len]
+        limit = case.seq_lens[:, None].long() - sq + 1 + torch.arange(sq, device=k.device)[None, :]  # [B, Sq]
+        mask = (pos[None, None, :] < limit[:, :, None])[:, None]  # [B, 1, Sq, Lalloc]
+    else:
+        if k.shape[2] != case.shape.max_len:
+            k, v = k[:, :, :case.shape.max_len], v[:, :, :case.shape.max_len]
+        if sq > 1:
+            mask = causal_lower_right(sq, case.shape.max_len)
     box = {}
 
     def fn():
@@ -210,6 +250,7 @@ def sdpa_runner(case: Case, system: str) -> Runner:
     def context():
         return sdpa_kernel(backend)
 
+    how = "padded + mask" if case.shape.ragged else ("bottom-right causal" if sq > 1 else "")
     with warnings.catch_warnings(record=True) as caught, context():
         warnings.simplefilter("always")
         try:
@@ -218,17 +259,17 @@ def sdpa_runner(case: Case, system: str) -> Runner:
             raise
         except (RuntimeError, ValueError, NotImplementedError) as e:
             # torch states its reasons as warnings, some only once per process: keep the first seen
-            key = (system, mask is not None)
+            key = (system, how)
             why = "; ".join(dict.fromkeys(str(w.message).strip().split("\n")[0] for w in caught))
             why = _SDPA_REASONS.setdefault(key, why) if why else _SDPA_REASONS.get(key, str(e).split("\n")[0])
-            raise Unsupported(f"SDPA {system} refused{' (padded + mask)' if mask is not None else ''}: {why[:300]}"
-                              ) from None
-    return Runner(fn, lambda: box["o"][:, :, 0], context,
-                  extra={"backend": "padded + mask" if mask is not None else ""})
+            raise Unsupported(f"SDPA {system} refused{f' ({how})' if how else ''}: {why[:300]}") from None
+    return Runner(fn, lambda: box["o"][:, :, 0] if sq == 1 else box["o"].transpose(1, 2), context,
+                  extra={"backend": how})
 
 
 class FlashInfer:
-    """FlashInfer's decode wrappers, imported once; ``error`` says why they are missing."""
+    """FlashInfer's paged wrappers (decode, with or without tensor cores, and prefill for several
+    tokens), imported once; ``error`` says why they are missing."""
 
     def __init__(self, device: torch.device):
         self.device, self.error, self.wrappers, self.version = device, "", {}, ""
@@ -237,6 +278,7 @@ class FlashInfer:
                 major, minor = torch.cuda.get_device_capability(device)
                 os.environ.setdefault("FLASHINFER_CUDA_ARCH_LIST", f"{major}.{minor}" + ("a" if major == 9 else ""))
             from flashinfer.decode import BatchDecodeWithPagedKVCacheWrapper
+            from flashinfer.prefill import BatchPrefillWithPagedKVCacheWrapper
 
             try:
                 from flashinfer.version import __version__ as version
@@ -244,19 +286,27 @@ class FlashInfer:
                 version = "?"
             self.version = version
             self.workspace = torch.zeros(128 * M, dtype=torch.uint8, device=device)
-            self.cls = BatchDecodeWithPagedKVCacheWrapper
+            self.decode, self.prefill = BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper
         except Exception as e:  # noqa: BLE001 - any import failure is a reason, not a crash
             self.error = f"flashinfer not importable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
-    def wrapper(self, tensor_cores: bool):
-        if tensor_cores not in self.wrappers:
-            self.wrappers[tensor_cores] = self.cls(self.workspace, "HND", use_tensor_cores=tensor_cores)
-        return self.wrappers[tensor_cores]
+    def wrapper(self, kind: str, layout: str):
+        """``kind``: "decode", "decode-tc" or "prefill"; ``layout``: "HND" or "NHD"."""
+        if (kind, layout) not in self.wrappers:
+            if kind == "prefill":
+                self.wrappers[kind, layout] = self.prefill(self.workspace, layout)
+            else:
+                self.wrappers[kind, layout] = self.decode(self.workspace, layout, use_tensor_cores=kind == "decode-tc")
+        return self.wrappers[kind, layout]
 
 
 @dataclasses.dataclass
 class PagedCache:
-    kv: torch.Tensor  # [pages, 2, Hkv, 16, D]: TVM's layout, and FlashInfer's 5-D HND form
+    """A paged cache as the paged peers take it: FlashInfer's page list form."""
+
+    kv: object  # [pages, 2, Hkv, page, D] (HND: TVM's layout too), or a (K, V) pair of [P, page, Hkv, D] (NHD)
+    layout: str  # "HND" or "NHD"
+    page_size: int
     indptr: torch.Tensor  # int32 [B + 1], host
     indices: torch.Tensor  # int32 [pages], device
     last_page_len: torch.Tensor  # int32 [B], host
@@ -283,33 +333,51 @@ def copy_into_pages(kv: torch.Tensor, indptr: Sequence[int]) -> torch.Tensor:
 
 
 def paged_cache(case: Case) -> PagedCache:
-    """Copy the contiguous cache into 16-row pages (HND), once, outside timing: same values, one
-    copy for every paged peer."""
+    """The paged peers' cache: a paged shape's own pool (no copy), else the contiguous cache copied
+    into 16-row pages (HND), once, outside timing: same values, one copy for every paged peer."""
     s = case.shape
+    i32 = dict(dtype=torch.int32)
+    if case.pool is not None:
+        indptr, last = page_table(s.lens, s.page_size)
+        rows = [case.table[b, :indptr[b + 1] - indptr[b]] for b in range(s.batch)]
+        return PagedCache((case.pool[0], case.pool[1]), "NHD", s.page_size, torch.tensor(indptr, **i32),
+                          torch.cat(rows).contiguous(), torch.tensor(last, **i32))
     indptr, last = page_table(s.lens)
     need = 2 * indptr[-1] * s.hkv * PAGE_SIZE * s.head_dim * ELEM_SIZE[s.dtype]
     if case.q.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(case.q.device)
         if need > free - 512 * M:
             raise Unsupported(f"paged copy of {need / 1e9:.1f} GB does not fit ({free / 1e9:.1f} GB free)")
-    i32 = dict(dtype=torch.int32)
-    return PagedCache(copy_into_pages(case.kv, indptr), torch.tensor(indptr, **i32),
+    return PagedCache(copy_into_pages(case.kv, indptr), "HND", PAGE_SIZE, torch.tensor(indptr, **i32),
                       torch.arange(indptr[-1], device=case.q.device, **i32), torch.tensor(last, **i32))
 
 
 def flashinfer_runner(case: Case, fi: FlashInfer, paged: PagedCache, tensor_cores: bool) -> Runner:
+    """FlashInfer on its paged cache: its decode wrapper for one token, its paged prefill wrapper
+    (causal, bottom-right aligned) for several."""
     s = case.shape
+    sq = s.q_len
+    if sq > 1 and tensor_cores:
+        raise Unsupported("several tokens run FlashInfer's prefill wrapper: see the flashinfer column")
+    kind = "prefill" if sq > 1 else ("decode-tc" if tensor_cores else "decode")
+    q = case.q.reshape(s.batch * sq, s.hq, s.head_dim) if sq > 1 else case.q
     w = None
 
     def plan():
-        w.plan(paged.indptr, paged.indices, paged.last_page_len, s.hq, s.hkv, s.head_dim, PAGE_SIZE,
-               pos_encoding_mode="NONE", q_data_type=case.q.dtype, kv_data_type=case.q.dtype, sm_scale=case.scale)
+        if sq > 1:
+            qo_indptr = torch.arange(0, (s.batch + 1) * sq, sq, dtype=torch.int32)
+            w.plan(qo_indptr, paged.indptr, paged.indices, paged.last_page_len, s.hq, s.hkv, s.head_dim,
+                   paged.page_size, causal=True, pos_encoding_mode="NONE", q_data_type=case.q.dtype,
+                   kv_data_type=case.q.dtype, sm_scale=case.scale)
+        else:
+            w.plan(paged.indptr, paged.indices, paged.last_page_len, s.hq, s.hkv, s.head_dim, paged.page_size,
+                   pos_encoding_mode="NONE", q_data_type=case.q.dtype, kv_data_type=case.q.dtype, sm_scale=case.scale)
 
     try:
-        w = fi.wrapper(tensor_cores)
+        w = fi.wrapper(kind, paged.layout)
         plan()  # the first plan/run JIT-compiles the module (15-25 s), outside any timing
-        out = torch.empty_like(case.q)
-        w.run(case.q, paged.kv, out=out)
+        out = torch.empty_like(q)
+        w.run(q, paged.kv, out=out)
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
@@ -321,7 +389,7 @@ def flashinfer_runner(case: Case, fi: FlashInfer, paged: PagedCache, tensor_core
         plan()
         plan_us.append((time.perf_counter() - t0) * 1e6)
     backend = getattr(w, "resolved_backend", "")
-    return Runner(lambda: w.run(case.q, paged.kv, out=out), lambda: out,
+    return Runner(lambda: w.run(q, paged.kv, out=out), lambda: out.view(case.q.shape),
                   extra={"plan_us": float(np.median(plan_us)), "backend": str(backend)})
 
 
@@ -356,6 +424,8 @@ class TvmPeer:
 
 def tvm_runner(case: Case, peer: TvmPeer, paged: PagedCache) -> Runner:
     """TVM's kernel on the paged copy, without RoPE (rotary_mode 0); its lse comes in log2 units."""
+    if paged.layout != "HND" or paged.page_size != PAGE_SIZE or case.shape.q_len > 1:
+        raise Unsupported(f"TVM's decode kernel takes one token over [P, 2, Hkv, {PAGE_SIZE}, D] pages")
     fn = peer.kernel(case.shape)
     dev = case.q.device
     last = paged.last_page_len.to(dev)
@@ -402,25 +472,30 @@ def _find_fa3_payload() -> str | None:
 
 
 def fa3_runner(case: Case, fa3: FA3, num_splits: int = 0, pack_gqa: bool | None = None) -> Runner:
-    """FA3's decode as vLLM calls it: q [B, 1, Hq, D], the [B, L, Hkv, D] cache, ``seqused_k``, and
+    """FA3's decode as vLLM calls it: q [B, Sq, Hq, D], the [B, L, Hkv, D] cache or a paged shape's
+    [P, page, Hkv, D] pool with its block table, ``seqused_k``, causal for several tokens, and
     scheduler metadata computed once (``num_splits = 0``: its own heuristic)."""
     if fa3.error:
         raise Unsupported(fa3.error)
     s = case.shape
-    k, v = case.blhd()
-    q4 = case.q[:, None]
+    sq, causal = s.q_len, s.q_len > 1
+    if case.pool is not None:
+        k, v, table, page = case.pool[0], case.pool[1], case.table, s.page_size
+    else:
+        (k, v), table, page = case.blhd(), None, None
+    q4 = case.q[:, None] if sq == 1 else case.q
     out = torch.empty_like(q4)
-    md = fa3.ops.get_scheduler_metadata(s.batch, 1, s.max_len, s.hq, s.hkv, s.head_dim, s.head_dim, case.q.dtype,
-                                        case.seq_lens, None, None, None, None, None, None, 0, False, -1, -1, False,
+    md = fa3.ops.get_scheduler_metadata(s.batch, sq, s.max_len, s.hq, s.hkv, s.head_dim, s.head_dim, case.q.dtype,
+                                        case.seq_lens, None, None, None, None, None, page, 0, causal, -1, -1, False,
                                         num_splits, pack_gqa, 0)
 
     def fn():
-        fa3.ops.fwd(q4, k, v, None, None, None, out, None, None, None, None, case.seq_lens, 1, s.max_len, None, None,
-                    None, None, None, None, None, None, None, case.scale, False, -1, -1, 0.0, True, md, num_splits,
-                    pack_gqa, 0, None, 1, 0, None)
+        fa3.ops.fwd(q4, k, v, None, None, None, out, None, None, None, None, case.seq_lens, sq, s.max_len, table,
+                    None, None, None, None, None, None, None, None, case.scale, causal, -1, -1, 0.0, True, md,
+                    num_splits, pack_gqa, 0, None, 1, 0, None)
 
     extra = {"splits": num_splits, "backend": f"num_splits={num_splits or 'heuristic'}, pack_gqa={pack_gqa}"}
-    return Runner(fn, lambda: out[:, 0], extra=extra)
+    return Runner(fn, lambda: out[:, 0] if sq == 1 else out, extra=extra)
 
 
 def stream_runner(case: Case, lib: BenchLibrary, sink: torch.Tensor, grid: int) -> Runner:

@@ -186,7 +186,8 @@ def make_paged_decode_gpu(num_kv_heads: int, num_qo_heads: int, head_dim: int, d
                            elem_offset=off_pages)
         src = T.meta_var(SimpleNamespace(
             QW=QW, KF=KF, VF=KF, sqb=HQ * D, sqh=D, skl=D, svl=D, SL=_PagedLens(indptr, last_len, page_size), B=B,
-            HQ=HQ, HKV=HKV, LMAX=max_num_pages * page_size, rows=rows, INDPTR=indptr, VALUES=values))
+            HQ=HQ, HKV=HKV, LMAX=max_num_pages * page_size, ROWS=HQ // HKV, TILES=HKV, rows=rows, INDPTR=indptr,
+            VALUES=values))
         kernel(src, O, LSE, ws_o, ws_ml, flags, sm_scale, W, 0, W, None)
 
     func = sig.prim_func(f"lean_decode_paged_kv_{spec.name}", PARAMS, body, BODY_ARGS,
