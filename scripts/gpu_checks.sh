@@ -22,7 +22,9 @@ for step in "$@"; do
         echo "compute-sanitizer $tool: exit $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize_$tool.txt" | tail -1)"
       done ;;
     llama) timeout 300 python3 scripts/llama_decode.py 2>&1 | tee "$out/llama_decode.txt" | tail -8 ;;
-    host) timeout 120 python3 scripts/host_overhead.py 2>&1 | tee "$out/host_overhead.txt" | tail -20 ;;
+    host) for lib in ${HOST_LIBS:-$LEAN_TVM_LIB_DIR}; do  # several: an A/B, e.g. HOST_LIBS="new old new old"
+            LEAN_TVM_LIB_DIR=$lib timeout 120 python3 scripts/host_overhead.py 2>&1 | tee -a "$out/host_overhead.txt" | tail -16
+          done ;;
     bench) PYTHONPATH=$PWD/.gpu/fi:$PYTHONPATH LEAN_TVM_FA3=$PWD/.gpu/fa3 FLASHINFER_CUDA_ARCH_LIST=9.0a timeout 590 \
             python3 -m lean_tvm.bench ${BENCH_ARGS:---quick} --out "$out/bench" 2>&1 | tail -30 ;;
     tune) timeout 300 python3 -m lean_tvm.bench.tune measure --lib build/tune_sm_90a --out "$out/tune.json" --reps 15 \
