@@ -227,8 +227,11 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
                 bufs.el[e] = T.float32(0)
                 for j in T.unroll(4):
                     bufs.eo[e * 4 + j] = T.float32(0)
+                if paged:  # a query row may see no key in this piece (causal): no exp2(-inf - -inf)
+                    bufs.m_safe[0] = T.max(bufs.m_new[0], T.float32(-FLT_MAX))
                 for w in T.unroll(NWARP):
-                    bufs.beta[0] = T.exp2(bufs.MW[w * bufs.G + hw] - bufs.m_new[0])  # warp w's weight
+                    top = T.meta_var(bufs.m_safe[0] if paged else bufs.m_new[0])
+                    bufs.beta[0] = T.exp2(bufs.MW[w * bufs.G + hw] - top)  # warp w's weight
                     bufs.el[e] = bufs.el[e] + bufs.LW[w * bufs.G + hw] * bufs.beta[0]
                     for j in T.unroll(4):
                         bufs.eo[e * 4 + j] = bufs.eo[e * 4 + j] + bufs.ACCW[w * bufs.G * D + x + j] * bufs.beta[0]
@@ -397,11 +400,27 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
         bufs.goff[K_ROW] = T.Cast("int64", T.truncmod(lane, CH) * 8)
 
     @T.macro
+    def prefetch_paged(bufs, b, h, row0, n):
+        """Read the block table entries (and the start row) that :func:`load_paged` of block
+        (b, h, row0) needs, into registers, a step ahead: the copies then issue without waiting
+        for the table. Pages of at least a warp's rows hold all of them (no leftpad with real
+        pages): one entry per warp; smaller pages: one per chunk of the lane."""
+        rbase = T.meta_var(row0 + bufs.warp * RW)
+        first = T.meta_var(rbase + T.truncdiv(bufs.lane, CH))
+        bufs.lpr[0] = bufs.LP[b]
+        if bufs.PSL >= RW_LOG2:
+            at = T.meta_var(T.min(rbase, n - 1) + bufs.lpr[0])
+            bufs.pg[0] = bufs.TBF[T.Cast("int64", b) * bufs.stb + T.Cast("int64", T.shift_right(at, bufs.PSL))]
+        else:
+            for u in T.unroll(CPL):
+                at = T.meta_var(T.min(first + u * RPU, n - 1) + bufs.lpr[0])
+                bufs.pg[u] = bufs.TBF[T.Cast("int64", b) * bufs.stb + T.Cast("int64", T.shift_right(at, bufs.PSL))]
+
+    @T.macro
     def load_paged(bufs, stage, b, h, row0, n):
         """:func:`load` through the block table: row ``leftpad + r`` of sequence b is slot ``% page``
-        of page ``block_table[b, // page]``. Pages of at least a warp's rows hold all of them (no
-        leftpad with real pages): one table read per warp and step; smaller pages: one per chunk.
-        Rows past the length are zero-filled from the last valid row's address."""
+        of page ``block_table[b, // page]`` (read ahead by :func:`prefetch_paged`). Rows past the
+        length are zero-filled from the last valid row's address."""
         lay = T.meta_var(bufs.layout)
         rbase = T.meta_var(row0 + bufs.warp * RW)
         bufs.left[0] = n - rbase - T.truncdiv(bufs.lane, CH)
@@ -411,14 +430,11 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
         mask = T.meta_var(T.shift_left(1, bufs.PSL) - 1)
         sbase = T.meta_var((bufs.warp * S + stage) * 2 * RW * D)
         if bufs.PSL >= RW_LOG2:
-            at = T.meta_var(T.min(rbase, bufs.last[0]) + bufs.LP[b])
-            page = T.meta_var(T.Cast("int64", bufs.TBF[T.Cast("int64", b) * bufs.stb
-                                                       + T.Cast("int64", T.shift_right(at, bufs.PSL))]))
-            bufs.gaddr[K_TILE] = page * bufs.skp + kvh * bufs.skh + bufs.goff[K_ROW]
-            bufs.gaddr[V_TILE] = page * bufs.svp + kvh * bufs.svh + bufs.goff[K_ROW]
+            bufs.gaddr[K_TILE] = T.Cast("int64", bufs.pg[0]) * bufs.skp + kvh * bufs.skh + bufs.goff[K_ROW]
+            bufs.gaddr[V_TILE] = T.Cast("int64", bufs.pg[0]) * bufs.svp + kvh * bufs.svh + bufs.goff[K_ROW]
             for u in T.unroll(CPL):
                 ok = T.meta_var(u * RPU < bufs.left[0])
-                slot = T.meta_var(T.Cast("int64", T.bitwise_and(T.min(first + u * RPU, bufs.last[0]) + bufs.LP[b],
+                slot = T.meta_var(T.Cast("int64", T.bitwise_and(T.min(first + u * RPU, bufs.last[0]) + bufs.lpr[0],
                                                                 mask)))
                 T.ptx["cp.async.cg.shared.global"](
                     T.address_of(bufs.RING[sbase + bufs.soff[u]]),
@@ -431,10 +447,9 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
         else:
             for u in T.unroll(CPL):
                 ok = T.meta_var(u * RPU < bufs.left[0])
-                at = T.meta_var(T.min(first + u * RPU, bufs.last[0]) + bufs.LP[b])
-                page = T.meta_var(T.Cast("int64", bufs.TBF[T.Cast("int64", b) * bufs.stb
-                                                           + T.Cast("int64", T.shift_right(at, bufs.PSL))]))
-                slot = T.meta_var(T.Cast("int64", T.bitwise_and(at, mask)))
+                page = T.meta_var(T.Cast("int64", bufs.pg[u]))
+                slot = T.meta_var(T.Cast("int64", T.bitwise_and(T.min(first + u * RPU, bufs.last[0]) + bufs.lpr[0],
+                                                                mask)))
                 T.ptx["cp.async.cg.shared.global"](
                     T.address_of(bufs.RING[sbase + bufs.soff[u]]),
                     T.address_of(bufs.KF[page * bufs.skp + kvh * bufs.skh + slot * bufs.skr + bufs.goff[K_ROW]]),
@@ -475,7 +490,8 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
     if paged:
         op = streamk.GpuOperator(setup=setup_paged, begin_tile=begin_paged_tile, load=load_paged, compute=compute,
                                  combine=combine, publish=publish, merge_partials=merge_partials,
-                                 write_output=write_paged_output, write_empty=write_paged_empty)
+                                 write_output=write_paged_output, write_empty=write_paged_empty,
+                                 prefetch=prefetch_paged)
     else:
         op = streamk.GpuOperator(setup=setup, begin_tile=begin_tile, load=load, compute=compute, combine=combine,
                                  publish=publish, merge_partials=merge_partials, write_output=write_output,
@@ -553,6 +569,8 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse: LseConvention = 
         ok = T.alloc_buffer((CU,), "int32", scope="local")
         qoff = T.meta_var(T.alloc_buffer((NN * 2,), "int32", scope="local") if paged else None)  # causal offsets
         last = T.meta_var(T.alloc_buffer((1,), "int32", scope="local") if paged else None)  # the last valid row
+        pg = T.meta_var(T.alloc_buffer((sizes["CPL"],), "int32", scope="local") if paged else None)  # next pages
+        lpr = T.meta_var(T.alloc_buffer((1,), "int32", scope="local") if paged else None)  # next block's leftpad
         lane, warp = T.meta_var(T.truncmod(tx, 32)), T.meta_var(T.truncdiv(tx, 32))
         ctx = T.meta_var(streamk.WalkContext(
             SL=src.SL, LENS=lens, B=src.B, H=src.TILES, LMAX=src.LMAX, CUM=cum, NW=num_workers, SPLITS=num_splits,
@@ -562,7 +580,8 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse: LseConvention = 
             **vars(src), O=O, LSE=LSE, WSO=WSO, WSML=WSML, G=src.ROWS, soff=soff, goff=goff,
             gaddr=gaddr, left=left, RING=ring, ACCW=accw, MW=mw, LW=lw, qw=qw, acc=acc, mrow=mrow,
             lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, m_new=m_new, m_safe=m_safe, alpha=alpha, beta=beta,
-            shfl=shfl, eo=eo, em=em, el=el, w4=w4, mc=mc, lc=lc, ok=ok, qoff=qoff, last=last, tx=tx, lane=lane,
+            shfl=shfl, eo=eo, em=em, el=el, w4=w4, mc=mc, lc=lc, ok=ok, qoff=qoff, last=last, pg=pg, lpr=lpr, tx=tx,
+            lane=lane,
             warp=warp, scale_log2=softmax_scale * T.float32(LOG2E), lse_unit=lse.unit, lse_empty=lse.empty))
         walk(ctx, op, bufs)
 

@@ -65,6 +65,9 @@ class GpuOperator:
     merge_partials: Callable
     write_output: Callable
     write_empty: Callable
+    # (bufs, b, h, row0, n): read ahead what ``load`` of that block needs (an address from memory)
+    # while the current block computes; called for the next block after every load
+    prefetch: Callable | None = None
 
 
 @dataclasses.dataclass
@@ -384,8 +387,17 @@ def gpu_walk(cfg: StreamKConfig):
         pm["split_total"](ctx)
 
     @T.macro
-    def load_step(ctx, op, bufs, stage, ld):
+    def prefetch(ctx, op, bufs, ld):
+        if op.prefetch is not None:
+            op.prefetch(bufs, ld[SEQ], ld[HEAD], row0_of(ld, bs), ctx.LENS[ld[SEQ]])
+
+    @T.macro
+    def load_step(ctx, op, bufs, stage, rng, ld):
+        """Issue the copies of block ld into ``stage``, move ld to the next block of the walk and
+        let the operator read ahead what that one's load needs."""
         op.load(bufs, stage, ld[SEQ], ld[HEAD], row0_of(ld, bs), ctx.LENS[ld[SEQ]])
+        pm["advance"](ctx, rng, ld)
+        prefetch(ctx, op, bufs, ld)
 
     @T.macro
     def reduce(ctx, op, bufs, v, tile_start, rng2):
@@ -460,16 +472,15 @@ def gpu_walk(cfg: StreamKConfig):
                 trace(ctx, "tile_begun")
                 for j in T.unroll(5):
                     ld[j] = cur[j]
+                prefetch(ctx, op, bufs, ld)
                 for s in T.unroll(stages - 1):
                     if s < rng[1] - rng[0]:
-                        load_step(ctx, op, bufs, s, ld)
-                        pm["advance"](ctx, rng, ld)
+                        load_step(ctx, op, bufs, s, rng, ld)
                     T.ptx["cp.async.commit_group"]()
                 trace(ctx, "prefetch_issued")
                 for i in range(rng[1] - rng[0]):
                     if i + (stages - 1) < rng[1] - rng[0]:
-                        load_step(ctx, op, bufs, T.truncmod(i + (stages - 1), stages), ld)
-                        pm["advance"](ctx, rng, ld)
+                        load_step(ctx, op, bufs, T.truncmod(i + (stages - 1), stages), rng, ld)
                     T.ptx["cp.async.commit_group"]()
                     T.ptx["cp.async.wait_group"](stages - 1)
                     T.cuda.warp_sync()

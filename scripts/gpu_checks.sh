@@ -27,7 +27,7 @@ for step in "$@"; do
           done ;;
     bench) PYTHONPATH=$PWD/.gpu/fi:$PYTHONPATH LEAN_TVM_FA3=$PWD/.gpu/fa3 FLASHINFER_CUDA_ARCH_LIST=9.0a timeout 590 \
             python3 -m lean_tvm.bench ${BENCH_ARGS:---quick} --out "$out/bench" 2>&1 | tail -30 ;;
-    tune) timeout 300 python3 -m lean_tvm.bench.tune measure --lib build/tune_sm_90a --out "$out/tune.json" --reps 15 \
+    tune) timeout 300 python3 -m lean_tvm.bench.tune measure --lib build/tune_sm_90a --out "$out/tune.json" \
             > "$out/tune_log.txt" 2>&1; echo "tune: exit $?" ;;
     relax|paged) PYTHONPATH=$PYTHONPATH:$PWD/build/relax_gpu/site:$PWD/build/relax_gpu timeout 400 \
             python3 scripts/${step}_gpu.py 2>&1 | tee "$out/${step}_gpu.txt" | tail -30 ;;

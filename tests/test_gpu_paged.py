@@ -27,6 +27,7 @@ GRID = [  # lens, Sq, Hq, Hkv, page, dtype, layout, D
     ([6000, 64], 8, 8, 8, 1, F16, "blhd", 64),  # G 1
     ([5000, 9, 200], 16, 16, 4, 16, BF16, "bhld", 128),  # G 4, Sq 16: 64 rows
     ([100000], 4, 32, 8, 128, F16, "blhd", 128),
+    ([4100, 130], 8, 16, 2, 16, F16, "blhd", 128),  # the last block's 4 rows: tokens 0-3 see none of them
 ]
 
 

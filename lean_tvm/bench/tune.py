@@ -15,6 +15,7 @@ kernel, the candidate with the best geometric mean of (time / best time of that 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,6 +41,8 @@ SHAPES = (
     ("B1 L32k", 1, 32, 8, [32768]),
     ("B1 L256k", 1, 32, 8, [262144]),
     ("B16 L4k", 16, 32, 8, [4096] * 16),
+    ("B32 L2k", 32, 32, 8, [2048] * 32),
+    ("B128 L1k", 128, 32, 8, [1024] * 128),
     ("ragged 1x128k+15x2k", 16, 32, 8, [131072] + [2048] * 15),
     ("ragged 2x32k+30x512", 32, 32, 8, [32768] * 2 + [512] * 30),
 )
@@ -73,11 +76,13 @@ def _shape_group(spec_max_group: int) -> int:
     return 4 if spec_max_group == 8 else 16
 
 
-def measure(lib_dir: str, out_path: str, reps: int = 20) -> dict:
+def measure(lib_dir: str, out_path: str, reps: int = 10, rounds: int = 3) -> dict:
+    """Every candidate on every shape class, the candidates of a kernel family timed in interleaved
+    rounds (``timing.interleaved``) so that a slow minute of the GPU hits all of them alike."""
     import torch
 
     from .. import runtime
-    from .timing import Timer, gpu_clocks
+    from .timing import Timer, gpu_clocks, interleaved
 
     os.environ["LEAN_TVM_LIB_DIR"] = lib_dir
     dev = torch.device("cuda")
@@ -85,7 +90,7 @@ def measure(lib_dir: str, out_path: str, reps: int = 20) -> dict:
     timer = Timer(dev)
     timer.warm_clocks()
     results = {"gpu": torch.cuda.get_device_name(dev), "clocks": gpu_clocks(dev),
-               "date": time.strftime("%Y-%m-%d"), "times": []}
+               "date": time.strftime("%Y-%m-%d"), "rounds": rounds, "reps": reps, "times": []}
     groups: dict[tuple, list] = {}
     for k in lib.kernels:
         groups.setdefault((k.dtype, k.head_dim, k.max_group), []).append(k)
@@ -101,16 +106,22 @@ def measure(lib_dir: str, out_path: str, reps: int = 20) -> dict:
             out = torch.empty_like(q)
             lse = torch.empty(batch, hq, device=dev)
             args = (q, k_cache, v_cache, lens_t, out, lse, 1 / math.sqrt(head_dim))
-            for info in kernels:
-                st = timer.device_time(lambda info=info, args=args: runtime.launch_attention(*args, kernel=info),
-                                       reps=reps)
-                results["times"].append({"kernel": info.name, "dtype": dtype, "head_dim": head_dim,
-                                         "max_group": max_group, "shape": shape, "us": st.median})
-                print(f"{info.name:60s} {shape:22s} {st.median:8.1f} us", flush=True)
+            calls = {info.name: (_launch(args, info), contextlib.nullcontext) for info in kernels}
+            for name, st in interleaved(timer, calls, rounds, reps).items():
+                results["times"].append({"kernel": name, "dtype": dtype, "head_dim": head_dim,
+                                         "max_group": max_group, "shape": shape, "us": st.median,
+                                         "round_lo_us": st.round_lo, "round_hi_us": st.round_hi})
+                print(f"{name:60s} {shape:22s} {st.median:8.1f} us [{st.round_lo:.1f}-{st.round_hi:.1f}]", flush=True)
             del args, k_cache, v_cache
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
     return results
+
+
+def _launch(args: tuple, info):
+    from .. import runtime
+
+    return lambda: runtime.launch_attention(*args, kernel=info)
 
 
 def _geomean_vs_best(times: dict[str, float], best: dict[str, float]) -> float:
@@ -153,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = sub.add_parser("measure", help="time the candidates (GPU machine)")
     m.add_argument("--lib", required=True)
     m.add_argument("--out", required=True)
-    m.add_argument("--reps", type=int, default=20)
+    m.add_argument("--reps", type=int, default=10, help="calls per candidate and round")
+    m.add_argument("--rounds", type=int, default=3)
     s = sub.add_parser("select", help="write the winners to schedules/<arch>.json")
     s.add_argument("results")
     s.add_argument("--lib", required=True, help="the tuning library (its manifest names the knobs)")
@@ -166,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 [int(x) for x in args.max_groups.split(",")])
         build(args.arch, args.out, specs)
     elif args.cmd == "measure":
-        measure(args.lib, args.out, args.reps)
+        measure(args.lib, args.out, args.reps, args.rounds)
     else:
         from ..schedule_records import keep_batch_tile_costs, load_records, records_dir
 
