@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .library import ATTENTION_OP, DENSE, GEMV_OP, MANIFEST, PAGED, cache_root, find_library_dir, library_name
-from .schedule_records import batch_tile_cost, knobs_for, load_records
+from .schedule_records import batch_knobs, batch_tile_cost, knobs_for, load_records
 from .spec import DTYPES, HEAD_DIMS, MAX_GROUPS, AttentionSpec
 
 SUPPORTED_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")  # mma bf16, cp.async, movmatrix
@@ -112,16 +112,16 @@ def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_
     t0 = time.time()
     for i, spec in enumerate(specs):
         knobs = knobs_for(records, spec, arch)
-        variants = [(spec.name, knobs)]
-        cost = batch_tile_cost(records, spec)
-        if cost:
-            variants.append((f"{spec.name}_batch", dataclasses.replace(knobs, tile_cost=cost)))
+        variants = [("plain", knobs)]
+        cost, many = batch_tile_cost(records, spec), batch_knobs(records, spec, arch)
+        if cost or many:
+            variants.append(("batch", dataclasses.replace(many or knobs, tile_cost=cost)))
         for form, make in ((DENSE, make_gpu_kernel), (PAGED, make_gpu_paged_kernel)):
-            for name, kn in variants:
-                name = name.replace(spec.name, spec.name + ("_paged" if form == PAGED else ""))
+            for variant, kn in variants:
+                name = spec.name + ("_paged" if form == PAGED else "") + ("_batch" if variant == "batch" else "")
                 _log(f"[{i + 1}/{len(specs)}] TensorIR -> schedule: {name} {kn}")
                 funcs[name] = make(spec, kn, name=name)
-                kernels.append({"name": name, "op": ATTENTION_OP, "form": form, "dtype": spec.dtype,
+                kernels.append({"name": name, "op": ATTENTION_OP, "form": form, "variant": variant, "dtype": spec.dtype,
                                 "head_dim": spec.head_dim, "max_group": spec.max_group,
                                 "knobs": dataclasses.asdict(kn), "block_size": kn.block_size,
                                 "dynamic_smem_bytes": kn.ring_bytes(spec)})

@@ -44,6 +44,10 @@ MIN_WORKERS = 8
 MAX_SPLIT = 64
 SPLIT_SCALE = 3.0
 ALIGN_MIN_FRACTION = 0.9
+# Launches of at least this many tiles take the batch variant (schedule_records.py): H200 tuner
+# (interleaved): 2 CTAs/SM 2-13% faster at B32 L2k, B128 L1k and a 2x32k+30x512 batch (256+ tiles),
+# 3% slower at B16 L4k (128 tiles) and 6-13% slower on one sequence.
+BATCH_VARIANT_TILES = 256
 
 
 def stream_k_workers(tiles: int, blocks_per_tile: int, resident: int) -> int:

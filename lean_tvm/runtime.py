@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .library import ATTENTION_OP, DENSE, GEMV_OP, MANIFEST, PAGED, find_library_dir, search_dirs
-from .plan import STREAM_K, stream_k_workers
+from .plan import BATCH_VARIANT_TILES, STREAM_K, stream_k_workers
 from .spec import GEMV_ROWS
 
 
@@ -62,8 +62,9 @@ class KernelInfo:
     max_group: int
     block_size: int
     ctas_per_sm: int
-    tile_cost: int = 0  # > 0: the batch variant (stream-K shares equal in cost, plan.stream_k_edges)
+    tile_cost: int = 0  # stream-K shares equal in cost (plan.stream_k_edges)
     form: str = DENSE  # DENSE: [B, Hkv, L, D] caches, one token; PAGED: block tables, Sq tokens, leftpad
+    batch: bool = False  # the batch variant (schedule_records.py): for launches of many tiles
 
 
 class Library:
@@ -81,16 +82,16 @@ class Library:
         self.kernels = [
             KernelInfo(k["name"], k["dtype"], k["head_dim"], k["max_group"], k["block_size"],
                        k.get("knobs", {}).get("ctas_per_sm", 1), k.get("knobs", {}).get("tile_cost", 0),
-                       k.get("form", DENSE))
+                       k.get("form", DENSE), k.get("variant") == "batch")
             for k in self.manifest["kernels"] if k["op"] == ATTENTION_OP
         ]
         self.gemv = {k["dtype"]: k["name"] for k in self.manifest["kernels"] if k["op"] == GEMV_OP}
         self._functions = {}
 
-    def attention_kernel(self, dtype: str, head_dim: int, group: int, batch: int = 1,
+    def attention_kernel(self, dtype: str, head_dim: int, group: int, tiles: int = 1,
                          form: str = DENSE) -> KernelInfo | None:
-        """The smallest group that serves ``group`` query rows per tile; for ``batch`` > 1 its batch
-        variant (a tile cost in the stream-K plan) when the library has one, for one sequence the
+        """The smallest group that serves ``group`` query rows per tile; for a launch of ``tiles``
+        >= ``plan.BATCH_VARIANT_TILES`` tiles its batch variant when the library has one, else the
         plain kernel. ``form``: DENSE or PAGED."""
         fits = [k for k in self.kernels if k.dtype == dtype and k.head_dim == head_dim and k.max_group >= group
                 and k.form == form]
@@ -98,7 +99,7 @@ class Library:
             return None
         smallest = min(k.max_group for k in fits)
         fits = [k for k in fits if k.max_group == smallest]
-        return min(fits, key=lambda k: (k.tile_cost > 0) != (batch > 1))
+        return min(fits, key=lambda k: k.batch != (tiles >= BATCH_VARIANT_TILES))
 
     def function(self, name: str):
         if name not in self._functions:
@@ -259,7 +260,7 @@ def _prepare_attention(q, hkv: int, num_splits: int, num_ctas: int | None, kerne
                        max_len: int | None):
     lib = library_for(q.device)
     batch, hq, head_dim = q.shape
-    info = kernel or lib.attention_kernel(str(q.dtype).removeprefix("torch."), head_dim, hq // hkv, batch)
+    info = kernel or lib.attention_kernel(str(q.dtype).removeprefix("torch."), head_dim, hq // hkv, batch * hkv)
     if info is None:
         raise ValueError(f"no kernel in {lib.path} for {q.dtype}, head dim {head_dim}, {hq // hkv} query heads "
                          f"per KV head (it has: {lib.supported()})")
@@ -294,7 +295,9 @@ def _make_paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None) -> 
     batch, sq, hq, head_dim = q4.shape
     dtype = str(q4.dtype).removeprefix("torch.")
     groups = [k.max_group for k in lib.kernels if (k.dtype, k.head_dim, k.form) == (dtype, head_dim, PAGED)]
-    info = lib.attention_kernel(dtype, head_dim, min(sq * (hq // hkv), max(groups, default=0)), batch, PAGED)
+    group = min(sq * (hq // hkv), max(groups, default=0))
+    tiles = batch * hkv * tile_rows(sq, hq // hkv, max(groups, default=1))[1]
+    info = lib.attention_kernel(dtype, head_dim, group, tiles, PAGED)
     if info is None:
         raise ValueError(f"no paged kernel in {lib.path} for {q4.dtype}, head dim {head_dim} (it has: "
                          f"{lib.supported()})")

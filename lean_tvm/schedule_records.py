@@ -2,10 +2,11 @@
 
 A record names the kernel it is for (head_dim, max_group, optionally dtype) and its knobs. A
 kernel without a record gets the defaults, with the pipeline shortened until it fits the arch's
-shared memory. A record's optional ``batch_tile_cost`` (> 0) adds a second kernel for batches
-of more than one sequence whose stream-K plan charges each tile that cost
-(``plan.stream_k_edges``): one sequence never needs it, and its kernel stays free of the cost
-arithmetic.
+shared memory. A record's optional ``batch_knobs`` and ``batch_tile_cost`` (> 0) add a second
+kernel, the batch variant, for launches of many tiles (``plan.BATCH_VARIANT_TILES``): its own
+knobs (e.g. two CTAs per SM, which overlap one CTA's tile switches with the other's streaming)
+and a stream-K plan that charges each tile that cost (``plan.stream_k_edges``). A few long
+tiles never need it, and their kernel stays free of the cost arithmetic.
 """
 
 from __future__ import annotations
@@ -71,6 +72,17 @@ def knobs_for(records: list[dict], spec: AttentionSpec, arch: str) -> GpuKnobs:
     raise ValueError(f"no schedule of {spec.name} fits the shared memory of {arch}")
 
 
+def batch_knobs(records: list[dict], spec: AttentionSpec, arch: str) -> GpuKnobs | None:
+    """The batch variant's knobs of ``spec`` (None: the plain kernel's)."""
+    for record in records:
+        if _matches(record, spec) and "batch_knobs" in record:
+            knobs = GpuKnobs(**record["batch_knobs"])
+            if not fits(knobs, spec, arch):
+                raise ValueError(f"batch knobs for {spec.name} on {arch} do not fit shared memory: {knobs}")
+            return knobs
+    return None
+
+
 def batch_tile_cost(records: list[dict], spec: AttentionSpec) -> int:
     """The tile cost of ``spec``'s batch variant, 0 for none."""
     cost = next((r.get("batch_tile_cost", 0) for r in records if _matches(r, spec)), 0)
@@ -79,16 +91,19 @@ def batch_tile_cost(records: list[dict], spec: AttentionSpec) -> int:
     return cost
 
 
-def keep_batch_tile_costs(new: list[dict], old: list[dict]) -> list[dict]:
-    """``new`` with each ``batch_tile_cost`` of ``old`` carried over: the tuner re-selects the
-    knobs but does not measure the batch variant (its cost comes from an A/B, NOTES.md)."""
+def merge_records(new: list[dict], old: list[dict]) -> list[dict]:
+    """``new`` records with each ``batch_tile_cost`` of ``old`` carried over (the tuner re-selects
+    knobs but does not measure the tile cost: it comes from an A/B, NOTES.md), then the ``old``
+    records of kernels ``new`` does not cover (a tuning run of some head dims keeps the others)."""
+    def family(r):
+        return r.get("head_dim"), r.get("max_group"), r.get("dtype")
+
     out = []
     for r in new:
-        cost = next((o["batch_tile_cost"] for o in old if "batch_tile_cost" in o
-                     and (o.get("head_dim"), o.get("max_group"), o.get("dtype")) ==
-                     (r.get("head_dim"), r.get("max_group"), r.get("dtype"))), None)
+        cost = next((o["batch_tile_cost"] for o in old if "batch_tile_cost" in o and family(o) == family(r)), None)
         out.append(r if cost is None else {**r, "batch_tile_cost": cost})
-    return out
+    covered = {family(r) for r in new}
+    return out + [o for o in old if family(o) not in covered]
 
 
 def record(spec: AttentionSpec, knobs: GpuKnobs, any_dtype: bool = False, **measured) -> dict:

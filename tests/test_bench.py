@@ -539,3 +539,32 @@ def test_runner_and_paged_copy_say_why_a_system_cannot_run(monkeypatch):
     assert b.paged_for("lean", case, None) is None and b.paged_for("cudnn", case, None) is None
     with pytest.raises(systems.Unsupported, match="flashinfer"):
         b.paged_for("flashinfer", case, None)  # not importable on this machine
+
+
+def test_tune_select_picks_plain_and_batch_knobs_and_keeps_a_near_tie():
+    """Plain knobs from the few-tile shapes, batch knobs from the many-tile ones, and the current
+    knobs kept unless a candidate beats them by KEEP_MARGIN."""
+    from lean_tvm.bench import tune
+
+    few_shapes = [s[0] for s in tune.SHAPES if s[1] * s[3] < 256]
+    many_shapes = [s[0] for s in tune.SHAPES if s[1] * s[3] >= 256]
+    knobs = {"a": {"rows_per_warp": 16, "num_warps": 8, "stages": 2, "ctas_per_sm": 1},
+             "b": {"rows_per_warp": 32, "num_warps": 4, "stages": 2, "ctas_per_sm": 1},
+             "c": {"rows_per_warp": 16, "num_warps": 4, "stages": 2, "ctas_per_sm": 2}}
+    manifest = {"kernels": [{"name": n, "op": "decode_attention", "knobs": k} for n, k in knobs.items()]}
+
+    def times(few: dict, many: dict):
+        return {"gpu": "FAKE", "date": "today", "times": [
+            {"kernel": n, "dtype": "float16", "head_dim": 128, "max_group": 8, "shape": s,
+             "us": (few if s in few_shapes else many)[n]} for n in knobs for s in few_shapes + many_shapes]}
+
+    results = times({"a": 10.0, "b": 9.95, "c": 12.0}, {"a": 10.0, "b": 10.0, "c": 9.0})
+    current = [{"head_dim": 128, "max_group": 8, "knobs": knobs["a"]}]
+    def picked(k):
+        return {f: k[f] for f in knobs["a"]}
+
+    (rec,) = tune.select(results, manifest, current)
+    assert picked(rec["knobs"]) == knobs["a"]  # b is only 0.5% better: a stays
+    assert rec["batch_knobs"] == knobs["c"] and set(rec["batch_times_us"]) == set(many_shapes)
+    (rec,) = tune.select(times({"a": 10.0, "b": 9.0, "c": 12.0}, {"a": 10.0, "b": 9.0, "c": 9.5}), manifest, current)
+    assert picked(rec["knobs"]) == knobs["b"] and "batch_knobs" not in rec  # b wins both, by 10%

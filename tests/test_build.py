@@ -41,6 +41,7 @@ def test_library_and_manifest_are_written(built):
     assert knobs["lean_attention_float16_d128_g8"]["tile_cost"] == 0
     if arch == "sm_90a":  # its record asks for a batch variant of D128 G8, the other arch has none
         assert knobs["lean_attention_float16_d128_g8_batch"]["tile_cost"] > 0
+        assert {k["variant"] for k in manifest["kernels"] if k["op"] == "decode_attention"} == {"plain", "batch"}
     assert ("lean_attention_float16_d128_g8_batch" in names) == (arch == "sm_90a")
     assert "lean_attention_bfloat16_d64_g16_batch" not in names
 
@@ -147,19 +148,21 @@ def test_cli_help_and_bad_arguments(capsys):
     assert e.value.code == 2
 
 
-def test_runtime_picks_the_batch_variant_only_for_batches():
-    """One sequence: the plain kernel (no cost arithmetic); a batch: the variant with a tile cost;
-    a library without a variant serves both with its one kernel."""
-    from lean_tvm import runtime
+def test_runtime_picks_the_batch_variant_only_for_many_tiles():
+    """Fewer tiles than plan.BATCH_VARIANT_TILES: the plain kernel; more: the batch variant; a
+    library without a variant serves both with its one kernel."""
+    from lean_tvm import plan, runtime
 
-    def kernel(name, group, tile_cost=0):
-        return runtime.KernelInfo(name, "float16", 128, group, 128, 1, tile_cost)
+    def kernel(name, group, batch=False):
+        return runtime.KernelInfo(name, "float16", 128, group, 128, 1, 6 if batch else 0, batch=batch)
 
     lib = runtime.Library.__new__(runtime.Library)
-    lib.kernels = [kernel("g8", 8), kernel("g8_batch", 8, 6), kernel("g16", 16)]
-    assert lib.attention_kernel("float16", 128, 4, batch=1).name == "g8"
-    assert lib.attention_kernel("float16", 128, 8, batch=32).name == "g8_batch"
-    assert lib.attention_kernel("float16", 128, 16, batch=32).name == "g16"
+    lib.kernels = [kernel("g8", 8), kernel("g8_batch", 8, True), kernel("g16", 16)]
+    many = plan.BATCH_VARIANT_TILES
+    assert lib.attention_kernel("float16", 128, 4, tiles=1).name == "g8"
+    assert lib.attention_kernel("float16", 128, 8, tiles=many - 1).name == "g8"
+    assert lib.attention_kernel("float16", 128, 8, tiles=many).name == "g8_batch"
+    assert lib.attention_kernel("float16", 128, 16, tiles=many).name == "g16"
     assert lib.attention_kernel("bfloat16", 128, 8) is None
 
 
@@ -175,9 +178,11 @@ def test_schedule_records_batch_tile_cost():
     with pytest.raises(ValueError, match="batch_tile_cost"):
         SR.batch_tile_cost([{"head_dim": 128, "max_group": 8, "batch_tile_cost": -1}], spec)
     new = [{"head_dim": 128, "max_group": 8, "knobs": {"stages": 3}}, {"head_dim": 64, "max_group": 8, "knobs": {}}]
-    kept = SR.keep_batch_tile_costs(new, old)
+    kept = SR.merge_records(new, old)
     assert kept[0] == {"head_dim": 128, "max_group": 8, "knobs": {"stages": 3}, "batch_tile_cost": 6}
     assert "batch_tile_cost" not in kept[1]
+    only_128 = SR.merge_records(new[:1], old)  # a run that tuned D128 keeps the D64 record
+    assert [(r["head_dim"], r["knobs"]) for r in only_128] == [(128, {"stages": 3}), (64, {})]
 
 
 @needs_nvcc

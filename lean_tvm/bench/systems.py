@@ -196,7 +196,7 @@ def lean_runner(case: Case, layout: str = "bhld", paged: bool = False) -> Runner
 def lean_split_runner(case: Case, num_splits: int) -> Runner:
     """The same kernel with a fixed split of every tile (``num_splits``; 1 = no split)."""
     s = case.shape
-    info = runtime.library_for(case.q.device).attention_kernel(s.dtype, s.head_dim, s.hq // s.hkv, s.batch)
+    info = runtime.library_for(case.q.device).attention_kernel(s.dtype, s.head_dim, s.hq // s.hkv, s.batch * s.hkv)
     if info is None:
         raise Unsupported(f"no lean kernel for {s.dtype} D{s.head_dim} G{s.hq // s.hkv}")
     out = torch.empty_like(case.q)

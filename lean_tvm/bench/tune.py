@@ -118,6 +118,20 @@ def measure(lib_dir: str, out_path: str, reps: int = 10, rounds: int = 3) -> dic
     return results
 
 
+def _pick(cands: dict[str, dict[str, float]], best: dict[str, float], current: dict | None, knobs_of: dict) -> str:
+    """The candidate with the best geomean over ``best``'s shapes, unless the one with the
+    ``current`` knobs is within KEEP_MARGIN of it."""
+    score = {n: _geomean_vs_best(cands[n], best) for n in cands}
+    top = min(score, key=score.get)
+    keep = [n for n in cands if current and _same_knobs(knobs_of[n], current)]
+    return keep[0] if keep and score[keep[0]] <= score[top] * (1 + KEEP_MARGIN) else top
+
+
+def _same_knobs(a: dict, b: dict) -> bool:
+    fields = ("rows_per_warp", "num_warps", "stages", "ctas_per_sm")
+    return all(a.get(f) == b.get(f) for f in fields)
+
+
 def _launch(args: tuple, info):
     from .. import runtime
 
@@ -128,10 +142,19 @@ def _geomean_vs_best(times: dict[str, float], best: dict[str, float]) -> float:
     return math.exp(sum(math.log(times[s] / best[s]) for s in best) / len(best))
 
 
-def select(results: dict, manifest: dict) -> list[dict]:
-    """Per kernel family, the candidate with the best geometric mean of time / best time."""
+KEEP_MARGIN = 0.01  # a candidate replaces the current knobs only if its geomean is this much better
+
+
+def select(results: dict, manifest: dict, current: list[dict] = ()) -> list[dict]:
+    """Per kernel family, the plain kernel's knobs: the candidate with the best geometric mean of
+    time / best time over the shapes of one sequence and of few tiles; the batch variant's
+    (``batch_knobs``, kept only where they differ): the same over the shapes of at least
+    ``plan.BATCH_VARIANT_TILES`` tiles, which the runtime sends to it. The ``current`` records'
+    knobs stay unless a candidate beats them by ``KEEP_MARGIN``: a change must pay for itself."""
+    from ..plan import BATCH_VARIANT_TILES
     from ..schedule_records import record
 
+    many = {name for name, batch, _, hkv, _ in SHAPES if batch * hkv >= BATCH_VARIANT_TILES}
     knobs_of = {k["name"]: k["knobs"] for k in manifest["kernels"] if k["op"] == "decode_attention"}
     by_family: dict[tuple, dict[str, dict[str, float]]] = {}
     for r in results["times"]:
@@ -141,13 +164,22 @@ def select(results: dict, manifest: dict) -> list[dict]:
     for (dtype, head_dim, max_group), cands in by_family.items():
         shapes = set.intersection(*(set(v) for v in cands.values()))
         best = {s: min(c[s] for c in cands.values()) for s in shapes}
-        name = min(cands, key=lambda n: _geomean_vs_best(cands[n], best))
+        few = {s: t for s, t in best.items() if s not in many}
         spec = AttentionSpec(dtype, head_dim, max_group)
+        now = next((r for r in current if r.get("head_dim") == head_dim and r.get("max_group") == max_group), {})
+        name = _pick(cands, few, now.get("knobs"), knobs_of)
+        extra = {}
+        if few != best:
+            batch = _pick(cands, {s: best[s] for s in many & shapes}, now.get("batch_knobs", now.get("knobs")),
+                          knobs_of)
+            if batch != name:
+                extra["batch_knobs"] = knobs_of[batch]
+                extra["batch_times_us"] = {s: round(cands[batch][s], 2) for s in sorted(many & shapes)}
         # The knobs do not depend on the dtype (only the mma's type does): one record serves both.
         records.append(record(spec, GpuKnobs(**knobs_of[name]), any_dtype=True,
-                              geomean_vs_best=round(_geomean_vs_best(cands[name], best), 4),
+                              geomean_vs_best=round(_geomean_vs_best(cands[name], few), 4),
                               times_us={s: round(cands[name][s], 2) for s in sorted(shapes)},
-                              measured_on=results["gpu"], date=results["date"]))
+                              measured_on=results["gpu"], date=results["date"], **extra))
     return records
 
 
@@ -180,14 +212,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.cmd == "measure":
         measure(args.lib, args.out, args.reps, args.rounds)
     else:
-        from ..schedule_records import keep_batch_tile_costs, load_records, records_dir
+        from ..schedule_records import load_records, merge_records, records_dir
 
         with open(args.results) as f:
             results = json.load(f)
         with open(os.path.join(args.lib, "manifest.json")) as f:
             manifest = json.load(f)
         out = args.out or str(records_dir() / f"{manifest['arch']}.json")
-        records = keep_batch_tile_costs(select(results, manifest), load_records(manifest["arch"], out))
+        current = load_records(manifest["arch"], out)
+        records = merge_records(select(results, manifest, current), current)
         data = {"arch": manifest["arch"], "note": "written by python -m lean_tvm.bench.tune select",
                 "records": records}
         with open(out, "w") as f:
