@@ -28,6 +28,8 @@ GRID = [  # lens, Sq, Hq, Hkv, page, dtype, layout, D
     ([5000, 9, 200], 16, 16, 4, 16, BF16, "bhld", 128),  # G 4, Sq 16: 64 rows
     ([100000], 4, 32, 8, 128, F16, "blhd", 128),
     ([4100, 130], 8, 16, 2, 16, F16, "blhd", 128),  # the last block's 4 rows: tokens 0-3 see none of them
+    ([3000, 0, 1] + [100 + 61 * i for i in range(37)], 1, 32, 8, 16, BF16, "blhd", 128),  # 320 tiles: batch variant
+    ([900] * 40, 2, 32, 8, 16, F16, "blhd", 128),  # 320 tiles of 8 rows
 ]
 
 
