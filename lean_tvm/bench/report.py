@@ -63,8 +63,9 @@ def derive(rows: list[dict]) -> list[dict]:
 
 
 def best_peer(rows: list[dict]) -> tuple[str | None, float]:
-    """The fastest peer with a number (lean's own variants are not peers)."""
-    timed = [(r["median_us"], r["system"]) for r in rows if r["system"] in PEERS and finite(r["median_us"])]
+    """The fastest peer with a number and a correct output (lean's own variants are not peers)."""
+    timed = [(r["median_us"], r["system"]) for r in rows
+             if r["system"] in PEERS and finite(r["median_us"]) and r.get("ok") is not False]
     if not timed:
         return None, NAN
     us, name = min(timed)

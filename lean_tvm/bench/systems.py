@@ -481,16 +481,18 @@ def fa3_runner(case: Case, fa3: FA3, num_splits: int = 0, pack_gqa: bool | None 
     sq, causal = s.q_len, s.q_len > 1
     if case.pool is not None:
         k, v, table, page = case.pool[0], case.pool[1], case.table, s.page_size
+        max_k = s.max_len
     else:
         (k, v), table, page = case.blhd(), None, None
+        max_k = k.shape[1]  # a dense cache's width: FA3 checks k's shape against it
     q4 = case.q[:, None] if sq == 1 else case.q
     out = torch.empty_like(q4)
-    md = fa3.ops.get_scheduler_metadata(s.batch, sq, s.max_len, s.hq, s.hkv, s.head_dim, s.head_dim, case.q.dtype,
+    md = fa3.ops.get_scheduler_metadata(s.batch, sq, max_k, s.hq, s.hkv, s.head_dim, s.head_dim, case.q.dtype,
                                         case.seq_lens, None, None, None, None, None, page, 0, causal, -1, -1, False,
                                         num_splits, pack_gqa, 0)
 
     def fn():
-        fa3.ops.fwd(q4, k, v, None, None, None, out, None, None, None, None, case.seq_lens, sq, s.max_len, table,
+        fa3.ops.fwd(q4, k, v, None, None, None, out, None, None, None, None, case.seq_lens, sq, max_k, table,
                     None, None, None, None, None, None, None, None, case.scale, causal, -1, -1, 0.0, True, md,
                     num_splits, pack_gqa, 0, None, 1, 0, None)
 
