@@ -1,7 +1,8 @@
 """Build the operator library for a GPU arch (or the CPU) on a machine that needs no GPU.
 
-The stream-K kernels (``attention_gpu.py``, ``gemv.py``) -> CUDA C++ with tvm-ffi launchers
-(``cuda_host``) -> nvcc -> ``lean_tvm_<arch>.so`` + ``manifest.json``. The library needs only
+The TensorIR of decode attention and the GEMV (``compute.py``) -> the stream-K schedule rule
+(``streamk_rule.StreamK``, whose block bodies are ``attention_gpu.py``'s and ``gemv.py``'s) -> CUDA
+C++ with tvm-ffi launchers (``cuda_host``) -> nvcc -> ``lean_tvm_<arch>.so`` + ``manifest.json``. The library needs only
 ``libtvm_ffi`` at run time (no TVM): the GPU machines and serving boxes carry torch and tvm-ffi.
 ``--arch cpu`` builds the ``llvm`` form the same way (no nvcc needed).
 
@@ -100,8 +101,11 @@ def default_specs():
 def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_path: str | None = None,
                keep_source: bool = True) -> dict:
     """Generate, compile and describe one library for ``arch``; returns the manifest."""
-    from .attention_gpu import make_gpu_kernel
-    from .gemv import GEMV_SPECS, make_gpu_gemv
+    import tvm
+
+    from .compute import make_decode_attention, make_gemv
+    from .gemv import GEMV_SPECS
+    from .streamk_rule import StreamK
 
     if arch not in SUPPORTED_ARCHS:
         raise BuildError(f"--arch: expected one of {SUPPORTED_ARCHS}, got {arch!r} "
@@ -109,6 +113,7 @@ def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_
     find_nvcc()
     records = load_records(arch, records_path)
     kernels, funcs = [], {}
+    target = tvm.target.Target({"kind": "cuda", "arch": arch})
     t0 = time.time()
     for i, spec in enumerate(specs):
         knobs = knobs_for(records, spec, arch)
@@ -116,15 +121,16 @@ def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_
         cost = batch_tile_cost(records, spec)
         if cost:
             variants.append((f"{spec.name}_batch", dataclasses.replace(knobs, tile_cost=cost)))
+        compute = make_decode_attention(spec.dtype, spec.head_dim, spec.max_group)
         for name, kn in variants:
             _log(f"[{i + 1}/{len(specs)}] TensorIR -> schedule: {name} {kn}")
-            funcs[name] = make_gpu_kernel(spec, kn, name=name)
+            funcs[name] = rule_kernel(compute, target, name, StreamK(knobs=kn))
             kernels.append({"name": name, "op": ATTENTION_OP, "dtype": spec.dtype,
                             "head_dim": spec.head_dim, "max_group": spec.max_group,
                             "knobs": dataclasses.asdict(kn), "block_size": kn.block_size,
                             "dynamic_smem_bytes": kn.ring_bytes(spec)})
     for gspec in GEMV_SPECS:
-        funcs[gspec.name] = make_gpu_gemv(gspec)
+        funcs[gspec.name] = rule_kernel(make_gemv(gspec.dtype), target, gspec.name, StreamK())
         kernels.append({"name": gspec.name, "op": GEMV_OP, **gspec.describe()})
     manifest = compile_library(arch, out_dir, funcs, kernels, keep_source)
     _log(f"done in {time.time() - t0:.0f} s")
@@ -193,25 +199,27 @@ def build_cpu(out_dir: str, specs: Sequence[AttentionSpec], block_size: int = 64
     """The ``llvm`` form: the package's fallback when there is no GPU, loadable by tvm-ffi."""
     import tvm
 
-    from .attention_cpu import make_cpu_kernel
-    from .gemv import GEMV_SPECS, make_cpu_gemv
+    from .compute import make_decode_attention, make_gemv
+    from .gemv import GEMV_SPECS
+    from .streamk_rule import StreamK
 
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     funcs, kernels = {}, []
     seen = set()
+    target, rule = tvm.target.Target("llvm"), StreamK(cpu_block_size=block_size)
     for spec in specs:
         if (spec.dtype, spec.head_dim, spec.max_group) in seen:
             continue
         seen.add((spec.dtype, spec.head_dim, spec.max_group))
-        f = make_cpu_kernel(spec, block_size)
-        funcs[f.attrs["global_symbol"]] = f
-        kernels.append({"name": f.attrs["global_symbol"], "op": ATTENTION_OP, "dtype": spec.dtype,
+        name = spec.name + "_cpu"
+        funcs[name] = rule_kernel(make_decode_attention(spec.dtype, spec.head_dim, spec.max_group), target, name, rule)
+        kernels.append({"name": name, "op": ATTENTION_OP, "dtype": spec.dtype,
                         "head_dim": spec.head_dim, "max_group": spec.max_group, "block_size": block_size})
     for gspec in GEMV_SPECS:
-        f = make_cpu_gemv(gspec)
-        funcs[f.attrs["global_symbol"]] = f
-        kernels.append({"name": f.attrs["global_symbol"], "op": GEMV_OP, **gspec.describe()})
+        name = gspec.name + "_cpu"
+        funcs[name] = rule_kernel(make_gemv(gspec.dtype), target, name, rule)
+        kernels.append({"name": name, "op": GEMV_OP, **gspec.describe()})
     _log(f"TIR -> llvm ({len(funcs)} kernels)")
     ex = tvm.compile(tvm.IRModule(funcs), target="llvm")
     lib = os.path.join(out_dir, library_name("cpu"))
@@ -223,6 +231,15 @@ def build_cpu(out_dir: str, specs: Sequence[AttentionSpec], block_size: int = 64
         json.dump(manifest, f, indent=1)
     _log(f"wrote {lib} and {MANIFEST} in {time.time() - t0:.0f} s")
     return manifest
+
+
+def rule_kernel(func, target, name: str, rule):
+    """``func``'s stream-K kernel from ``rule`` (a ``streamk_rule.StreamK``) for ``target``, named
+    ``name``; the rule declining one of the library's own functions is a build error."""
+    sch = rule.apply(func, target)
+    if sch is None:
+        raise BuildError(f"{name}: the stream-K rule declined its TensorIR: {rule.kernel(func, target).reason}")
+    return sch.mod["main"].with_attr("global_symbol", name)
 
 
 def ensure_library(arch: str) -> Path:
