@@ -441,7 +441,9 @@ def f32_load(e):
 
 
 def kv_head(index, h):
-    """G of ``h // G`` (floor division by a constant), else None."""
+    """G of ``h // G`` (floor division by a constant; ``h`` itself is G = 1), else None."""
+    if index.same_as(h):
+        return 1
     if isinstance(index, tirx.FloorDiv) and index.a.same_as(h) and isinstance(index.b, tirx.IntImm):
         return index.b.value
     return None

@@ -58,7 +58,7 @@ class _CallSites(relax.PyExprMutator):
         """The kernels under new names (a GlobalVar keeps its function's type), the calls
         rewritten, the replaced PrimFuncs dropped."""
         for gv, kernel in self.kernels.items():
-            self.callee[gv] = self.builder_.add_func(kernel, gv.name_hint)
+            self.callee[gv] = self.builder_.add_func(kernel.without_attr("global_symbol"), gv.name_hint)
         for gv, func in self.mod_.functions_items():
             if isinstance(func, relax.Function):
                 self.builder_.update_func(gv, self.visit_expr(func))
