@@ -291,9 +291,11 @@ def segment_sum_module(declined: bool = True):
             seg = bb.add_func(make_segment_sum(16, "float16").without_attr("global_symbol"), "segment_sum")
             y = bb.emit(relax.call_tir(seg, [w, x, lens], relax.TensorType((3, 2, 16), "float32")))
             first = bb.emit(relax.op.strided_slice(bb.emit(relax.op.reshape(y, [96])), [0], [0], [64]))
-            twice = bb.add_func(elementwise.without_attr("global_symbol"), "twice")
-            out = bb.emit_output(relax.call_tir(twice, [first], relax.TensorType((64,), "float32")) if declined
-                                 else relax.op.add(first, first))
+            if declined:
+                twice = bb.add_func(elementwise.without_attr("global_symbol"), "twice")
+                out = bb.emit_output(relax.call_tir(twice, [first], relax.TensorType((64,), "float32")))
+            else:
+                out = bb.emit_output(relax.op.add(first, first))
         bb.emit_func_output(out)
     return bb.finalize()
 
