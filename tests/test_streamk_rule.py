@@ -5,8 +5,10 @@ attention and GEMV kernels it builds against the direct generators' (byte-identi
 import dataclasses
 import functools
 import re
+import runpy
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -420,3 +422,13 @@ def test_build_writes_the_third_operators_library(tmp_path):
     assert (tmp_path / manifest["library"]).stat().st_size > 100_000
     assert [k["name"] for k in manifest["kernels"]] == [segment_sum.kernel_name(d, dt) for d, dt in VARIANTS]
     assert all(k["resources"]["spill_bytes"] == 0 for k in manifest["kernels"])
+
+
+def test_the_readme_example_runs_and_pools(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = tmp_path / "example.py"  # TVMScript reads a function's source from its file
+    example.write_text(readme.split("<!-- readme-example -->\n```python\n")[1].split("```")[0])
+    scope = runpy.run_path(str(example))
+    w, x, lens, y = (scope[n] for n in ("w", "x", "lens", "y"))
+    want = np.stack([w[b, :n].double().numpy() @ x[b, :n].double().numpy() for b, n in enumerate(lens.tolist())])
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-4)
