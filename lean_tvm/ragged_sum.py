@@ -50,12 +50,12 @@ class Tiling:
 def tiling(p: PlainSum) -> Tiling:
     spatial = list(p.block.spatial)
     seq = spatial[p.extent.position] if p.extent.position is not None else None
-    last = spatial[-1] if spatial else None
-    ext = p.block.extent.get(last)
-    inner = last if last is not None and last is not seq and isinstance(ext, tirx.IntImm) and ext.value <= MAX_WIDTH \
-        else None
-    middle = tuple(v for v in spatial if v is not seq and v is not inner)
-    return Tiling(seq, middle, inner, inner is not None and p.block.extent[inner].value or 1)
+    inner = spatial[-1] if spatial and not (seq is not None and spatial[-1].same_as(seq)) else None
+    ext = p.block.extent.get(inner)
+    if not (isinstance(ext, tirx.IntImm) and ext.value <= MAX_WIDTH):
+        inner = None
+    middle = tuple(v for v in spatial if not any(v.same_as(u) for u in (seq, inner) if u is not None))
+    return Tiling(seq, middle, inner, ext.value if inner is not None else 1)
 
 
 def i32(e):

@@ -92,10 +92,6 @@ class PlainSum:
     epilogue: Block | None
     row_producers: tuple  # reductions nested in ``value`` (none is supported by the generic body)
 
-    @property
-    def output(self) -> ir.Var:
-        return (self.epilogue or self.block).buffer
-
 
 @dataclasses.dataclass(frozen=True)
 class SoftmaxSum:
@@ -374,19 +370,14 @@ def softmax_sum(outer, unmasked, outputs, producers) -> SoftmaxSum | Declined:
     mx = next(b for b in outer if b.combiner == "max")
     sums = [b for b in outer if b.combiner == "sum"]
     logits = unmasked[mx.name][0]
-    weighted, plain = [], []
-    for b in sums:
-        value = unmasked[b.name][0]
-        w = softmax_weight(value, mx, logits, b)
-        if w is not None and w[1] is None:
-            plain.append(b)
-        elif w is not None:
-            weighted.append((b, w[1]))
+    weights = {b.name: softmax_weight(unmasked[b.name][0], mx, logits, b) for b in sums}
+    plain = [b for b in sums if weights[b.name] is not None and weights[b.name][1] is None]
+    weighted = [b for b in sums if weights[b.name] is not None and weights[b.name][1] is not None]
     if len(plain) != 1 or len(weighted) != 1:
         return Declined(f"the max {mx.name} is not followed by a sum of exp(s - max) and a weighted sum of it")
-    den, (acc, value) = plain[0], weighted[0]
-    return SoftmaxSum(mx, den, acc, acc.reduce[0], softmax_weight(unmasked[acc.name][0], mx, logits, acc)[0],
-                      value, unmasked[acc.name][1], tuple(outputs), producers)
+    den, acc = plain[0], weighted[0]
+    acc_logits, value = weights[acc.name]
+    return SoftmaxSum(mx, den, acc, acc.reduce[0], acc_logits, value, unmasked[acc.name][1], tuple(outputs), producers)
 
 
 def softmax_weight(value, mx: Block, logits, block: Block):

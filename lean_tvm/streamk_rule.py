@@ -72,6 +72,7 @@ class StreamK(ScheduleRule):
         return not isinstance(cuda_arch(target), Declined)
 
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, tunable: bool = False) -> s_tir.Schedule | None:
+        """dlight's entry point (``tunable`` is ignored: the knobs are fixed at construction)."""
         kernel = self.kernel(func, target)
         return None if isinstance(kernel, Declined) else s_tir.Schedule(kernel)
 
@@ -158,7 +159,7 @@ def build_kernel(func, arch: str | None, name: str, kind: str, roles_of: dict | 
     args = [None if r is None else names.get(r, r) for r in order]
     attrs = {"tirx.noalias": True, **({"tirx.is_scheduled": True} if arch is not None else {})}
     kernel = sig.prim_func(name, params, body, args, attrs)
-    doc = {"body": kind, "target": arch or "llvm", **info, "scalars": [s.name for s in scalars],
+    doc = {"body": kind, "target": arch or "llvm", **info, "scalars": SCALARS,
            "workspace": [{"param": kernel.params[last + 1 + i].name, "dtype": dt, "shape": shape, "init": init}
                          for i, (_, dt, shape, init) in enumerate(workspace)]}
     return kernel.with_attr(ATTR, doc)
