@@ -162,12 +162,10 @@ def _operator_state(inputs, **state) -> SimpleNamespace:
     return SimpleNamespace(**{"limit": _all_rows, **vars(inputs), **state})
 
 
-def make_cpu_kernel(spec: AttentionSpec, block_size: int = 64, dps: bool = False, tile_cost: int = 0):
-    """The serial stream-K kernel over strided [B, Hkv, L, D] K/V, for ``llvm``.
-
-    ``dps=True`` puts the outputs (o, lse) last, after the scalars, as Relax's call_tir wants.
-    ``tile_cost``: the stream-K plan's charge per tile (``plan.stream_k_edges``), as the GPU
-    kernel built from the same schedule record uses."""
+def dense_cpu_body(spec: AttentionSpec, block_size: int, tile_cost: int = 0):
+    """The serial kernel's body macro over strided [B, Hkv, L, D] K/V, taking the parameters of
+    ``sig.ATTENTION_PARAMS`` but ``grid`` by name: every form of the CPU kernel (this module's, the
+    stream-K rule's) is ``sig.prim_func`` of it."""
     GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
     run = run_walk_macro(spec, block_size, tile_cost)
     one, two, d64, g64 = (tvm.tirx.const(x, "int64") for x in (1, 2, D, GM))
@@ -193,6 +191,16 @@ def make_cpu_kernel(spec: AttentionSpec, block_size: int = 64, dps: bool = False
                                             G=T.truncdiv(T.Cast("int32", HQ), nh), scale=softmax_scale))
         run(ctx, inputs)
 
+    return body
+
+
+def make_cpu_kernel(spec: AttentionSpec, block_size: int = 64, dps: bool = False, tile_cost: int = 0):
+    """The serial stream-K kernel over strided [B, Hkv, L, D] K/V, for ``llvm``.
+
+    ``dps=True`` puts the outputs (o, lse) last, after the scalars, as Relax's call_tir wants.
+    ``tile_cost``: the stream-K plan's charge per tile (``plan.stream_k_edges``), as the GPU
+    kernel built from the same schedule record uses."""
+    body = dense_cpu_body(spec, block_size, tile_cost)
     params = sig.outputs_last(sig.ATTENTION_PARAMS, sig.ATTENTION_OUTPUTS) if dps else sig.ATTENTION_PARAMS
     return sig.prim_func(spec.name + "_cpu", params, body,
                          ["q", "k", "v", "seq_lens", "o", "lse", "ws_o", "ws_ml", "flags", "softmax_scale",

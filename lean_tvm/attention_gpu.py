@@ -588,16 +588,12 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse: LseConvention = 
     return kernel
 
 
-def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs | None = None, name: str | None = None,
-                    trace: bool = False, dps: bool = False):
-    """The persistent CUDA kernel over strided [B, Hkv, L, D] K/V: grid = ``grid`` CTAs walking
-    ``num_workers`` planned ranges.
-
-    ``trace=True`` builds the debug variant with one more argument, ``trace: uint64[grid,
-    len(spec.TRACE_EVENTS)]``, filled with %globaltimer stamps of each CTA's phases.
-    ``dps=True`` puts the outputs (o, lse) last, after the scalars, as Relax's call_tir wants."""
+def dense_kernel_body(spec: AttentionSpec, knobs: GpuKnobs):
+    """The kernel's body macro over strided [B, Hkv, L, D] K/V, taking the parameters of
+    ``sig.ATTENTION_PARAMS`` by name and ``trace_buf`` (None: no trace): every form of the dense
+    kernel (this module's, the stream-K rule's) is ``sig.prim_func`` of it."""
     GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
-    kernel = gpu_kernel_macro(spec, knobs or GpuKnobs())
+    kernel = gpu_kernel_macro(spec, knobs)
     one, two, d64, g64 = (tvm.tirx.const(x, "int64") for x in (1, 2, D, GM))
     n_events = len(TRACE_EVENTS)
 
@@ -627,6 +623,18 @@ def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs | None = None, name: st
             ROWS=T.truncdiv(T.Cast("int32", HQ), T.Cast("int32", HKV)), TILES=T.Cast("int32", HKV), rows=dense_rows))
         kernel(src, O, LSE, WSO, WSML, FLAGS, softmax_scale, num_workers, num_splits, grid, TRACE)
 
+    return body
+
+
+def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs | None = None, name: str | None = None,
+                    trace: bool = False, dps: bool = False):
+    """The persistent CUDA kernel over strided [B, Hkv, L, D] K/V: grid = ``grid`` CTAs walking
+    ``num_workers`` planned ranges.
+
+    ``trace=True`` builds the debug variant with one more argument, ``trace: uint64[grid,
+    len(spec.TRACE_EVENTS)]``, filled with %globaltimer stamps of each CTA's phases.
+    ``dps=True`` puts the outputs (o, lse) last, after the scalars, as Relax's call_tir wants."""
+    body = dense_kernel_body(spec, knobs or GpuKnobs())
     params = list(sig.outputs_last(sig.ATTENTION_PARAMS, sig.ATTENTION_OUTPUTS) if dps else sig.ATTENTION_PARAMS)
     if trace:
         params.append(sig.Param("trace_buf"))

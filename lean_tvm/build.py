@@ -1,7 +1,8 @@
 """Build the operator library for a GPU arch (or the CPU) on a machine that needs no GPU.
 
-The stream-K kernels (``attention_gpu.py``, ``gemv.py``) -> CUDA C++ with tvm-ffi launchers
-(``cuda_host``) -> nvcc -> ``lean_tvm_<arch>.so`` + ``manifest.json``. The library needs only
+The TensorIR of decode attention and the GEMV (``compute.py``) -> the stream-K schedule rule
+(``streamk_rule.StreamK``, whose block bodies are ``attention_gpu.py``'s and ``gemv.py``'s) -> CUDA
+C++ with tvm-ffi launchers (``cuda_host``) -> nvcc -> ``lean_tvm_<arch>.so`` + ``manifest.json``. The library needs only
 ``libtvm_ffi`` at run time (no TVM): the GPU machines and serving boxes carry torch and tvm-ffi.
 ``--arch cpu`` builds the ``llvm`` form the same way (no nvcc needed).
 
@@ -100,8 +101,12 @@ def default_specs():
 def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_path: str | None = None,
                keep_source: bool = True) -> dict:
     """Generate, compile and describe one library for ``arch``; returns the manifest."""
-    from .attention_gpu import make_gpu_kernel, make_gpu_paged_kernel
-    from .gemv import GEMV_SPECS, make_gpu_gemv
+    import tvm
+
+    from .attention_gpu import make_gpu_paged_kernel
+    from .compute import make_decode_attention, make_gemv
+    from .gemv import GEMV_SPECS
+    from .streamk_rule import StreamK
 
     if arch not in SUPPORTED_ARCHS:
         raise BuildError(f"--arch: expected one of {SUPPORTED_ARCHS}, got {arch!r} "
@@ -109,6 +114,7 @@ def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_
     find_nvcc()
     records = load_records(arch, records_path)
     kernels, funcs = [], {}
+    target = tvm.target.Target({"kind": "cuda", "arch": arch})
     t0 = time.time()
     for i, spec in enumerate(specs):
         knobs = knobs_for(records, spec, arch)
@@ -116,17 +122,21 @@ def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_
         cost, many = batch_tile_cost(records, spec), batch_knobs(records, spec, arch)
         if cost or many:
             variants.append(("batch", dataclasses.replace(many or knobs, tile_cost=cost)))
-        for form, make in ((DENSE, make_gpu_kernel), (PAGED, make_gpu_paged_kernel)):
+        compute = make_decode_attention(spec.dtype, spec.head_dim, spec.max_group)
+        for form in (DENSE, PAGED):
             for variant, kn in variants:
                 name = spec.name + ("_paged" if form == PAGED else "") + ("_batch" if variant == "batch" else "")
                 _log(f"[{i + 1}/{len(specs)}] TensorIR -> schedule: {name} {kn}")
-                funcs[name] = make(spec, kn, name=name)
+                if form == DENSE:  # the rule applied to the TensorIR
+                    funcs[name] = rule_kernel(compute, target, name, StreamK(knobs=kn))
+                else:  # the paged form's generator (same operator macros, table addressing)
+                    funcs[name] = make_gpu_paged_kernel(spec, kn, name=name)
                 kernels.append({"name": name, "op": ATTENTION_OP, "form": form, "variant": variant, "dtype": spec.dtype,
                                 "head_dim": spec.head_dim, "max_group": spec.max_group,
                                 "knobs": dataclasses.asdict(kn), "block_size": kn.block_size,
                                 "dynamic_smem_bytes": kn.ring_bytes(spec)})
     for gspec in GEMV_SPECS:
-        funcs[gspec.name] = make_gpu_gemv(gspec)
+        funcs[gspec.name] = rule_kernel(make_gemv(gspec.dtype), target, gspec.name, StreamK())
         kernels.append({"name": gspec.name, "op": GEMV_OP, **gspec.describe()})
     manifest = compile_library(arch, out_dir, funcs, kernels, keep_source)
     _log(f"done in {time.time() - t0:.0f} s")
@@ -216,26 +226,31 @@ def build_cpu(out_dir: str, specs: Sequence[AttentionSpec], block_size: int = 64
     """The ``llvm`` form: the package's fallback when there is no GPU, loadable by tvm-ffi."""
     import tvm
 
-    from .attention_cpu import make_cpu_kernel, make_cpu_paged_kernel
-    from .gemv import GEMV_SPECS, make_cpu_gemv
+    from .attention_cpu import make_cpu_paged_kernel
+    from .compute import make_decode_attention, make_gemv
+    from .gemv import GEMV_SPECS
+    from .streamk_rule import StreamK
 
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     funcs, kernels = {}, []
     seen = set()
+    target, rule = tvm.target.Target("llvm"), StreamK(cpu_block_size=block_size)
     for spec in specs:
         if (spec.dtype, spec.head_dim, spec.max_group) in seen:
             continue
         seen.add((spec.dtype, spec.head_dim, spec.max_group))
-        for form, make in ((DENSE, make_cpu_kernel), (PAGED, make_cpu_paged_kernel)):
-            f = make(spec, block_size)
-            funcs[f.attrs["global_symbol"]] = f
-            kernels.append({"name": f.attrs["global_symbol"], "op": ATTENTION_OP, "form": form, "dtype": spec.dtype,
+        name = spec.name + "_cpu"
+        funcs[name] = rule_kernel(make_decode_attention(spec.dtype, spec.head_dim, spec.max_group), target, name, rule)
+        paged = make_cpu_paged_kernel(spec, block_size)
+        funcs[paged.attrs["global_symbol"]] = paged
+        for form, fname in ((DENSE, name), (PAGED, paged.attrs["global_symbol"])):
+            kernels.append({"name": fname, "op": ATTENTION_OP, "form": form, "dtype": spec.dtype,
                             "head_dim": spec.head_dim, "max_group": spec.max_group, "block_size": block_size})
     for gspec in GEMV_SPECS:
-        f = make_cpu_gemv(gspec)
-        funcs[f.attrs["global_symbol"]] = f
-        kernels.append({"name": f.attrs["global_symbol"], "op": GEMV_OP, **gspec.describe()})
+        name = gspec.name + "_cpu"
+        funcs[name] = rule_kernel(make_gemv(gspec.dtype), target, name, rule)
+        kernels.append({"name": name, "op": GEMV_OP, **gspec.describe()})
     _log(f"TIR -> llvm ({len(funcs)} kernels)")
     ex = tvm.compile(tvm.IRModule(funcs), target="llvm")
     lib = os.path.join(out_dir, library_name("cpu"))
@@ -247,6 +262,15 @@ def build_cpu(out_dir: str, specs: Sequence[AttentionSpec], block_size: int = 64
         json.dump(manifest, f, indent=1)
     _log(f"wrote {lib} and {MANIFEST} in {time.time() - t0:.0f} s")
     return manifest
+
+
+def rule_kernel(func, target, name: str, rule):
+    """``func``'s stream-K kernel from ``rule`` (a ``streamk_rule.StreamK``) for ``target``, named
+    ``name``; the rule declining one of the library's own functions is a build error."""
+    sch = rule.apply(func, target)
+    if sch is None:
+        raise BuildError(f"{name}: the stream-K rule declined its TensorIR: {rule.kernel(func, target).reason}")
+    return sch.mod["main"].with_attr("global_symbol", name)
 
 
 def ensure_library(arch: str) -> Path:

@@ -1,7 +1,9 @@
 """Unscheduled TensorIR definitions: the semantics every schedule implements.
 
 ``make_decode_attention``: decode attention; ``make_merge_states``: the LSE merge of partial
-attention states (``merge.py`` has its torch form and float64 reference).
+attention states (``merge.py`` has its torch form and float64 reference); ``make_gemv``: the
+matrix-vector product. The stream-K rule (``streamk_rule.StreamK``) builds the operator
+library's kernels from the first and the last.
 
 Decode attention: one query token per sequence b; KV rows ``l < seq_lens[b]`` of the padded cache are visible, the
 rest (whatever they hold) never reach the result. Query head h reads KV head ``h // G`` (GQA).
@@ -140,3 +142,32 @@ def make_merge_states(dtype: str, head_dim: int):
                 LSE[vb, vh] = T.if_then_else(Den[vb, vh] > T.float32(0), T.log(Den[vb, vh]) + M[vb, vh], ninf)
 
     return merge_states_kernel.with_attr("global_symbol", f"merge_states_{dtype}_d{head_dim}")
+
+
+def make_gemv(dtype: str):
+    """y = W x: (w [N, K], x [K], k_len int32 [1], y [N]) in ``dtype``, N and K symbolic, fp32
+    products and sum; columns ``c < k_len[0]`` are summed (the operator library's GEMV: one
+    "sequence" of length k_len[0], clamped to K by the kernel)."""
+
+    @T.prim_func(s_tir=True)
+    def gemv(w: T.handle, x: T.handle, k_len: T.handle, y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        N, K = T.int32(), T.int32()
+        W = T.match_buffer(w, (N, K), dtype)
+        X = T.match_buffer(x, (K,), dtype)
+        KL = T.match_buffer(k_len, (1,), "int32")
+        Y = T.match_buffer(y, (N,), dtype)
+        Acc = T.sblock_alloc_buffer((N,), "float32")
+        for n, c in T.grid(N, K):
+            with T.sblock("Acc"):
+                vn, vc = T.axis.remap("SR", [n, c])
+                with T.init():
+                    Acc[vn] = T.float32(0)
+                Acc[vn] = Acc[vn] + T.if_then_else(
+                    vc < KL[0], T.Cast("float32", W[vn, vc]) * T.Cast("float32", X[vc]), T.float32(0))
+        for n in range(N):
+            with T.sblock("Y"):
+                vn = T.axis.spatial(N, n)
+                Y[vn] = T.Cast(dtype, Acc[vn])
+
+    return gemv.with_attr("global_symbol", f"gemv_{dtype}")

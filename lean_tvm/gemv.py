@@ -78,7 +78,9 @@ def _cpu_operator(dt: str, block: int):
                                write_output=write_output, write_empty=write_empty)
 
 
-def make_cpu_gemv(spec: GemvSpec):
+def cpu_gemv_body(spec: GemvSpec):
+    """The serial kernel's body macro, taking the parameters of ``sig.GEMV_PARAMS`` but ``grid`` by
+    name (this module's kernel and the stream-K rule's are ``sig.prim_func`` of it)."""
     dt, block = spec.dtype, COLS * WARPS
     op = _cpu_operator(dt, block)
     walk = streamk.cpu_walk(StreamKConfig(block_size=block))
@@ -101,7 +103,11 @@ def make_cpu_gemv(spec: GemvSpec):
         bufs = T.meta_var(SimpleNamespace(W=W, X=X, Y=Y, WS=WS, N=N, acc=acc))
         walk(ctx, op, bufs)
 
-    return sig.prim_func(spec.name + "_cpu", sig.GEMV_PARAMS, body,
+    return body
+
+
+def make_cpu_gemv(spec: GemvSpec):
+    return sig.prim_func(spec.name + "_cpu", sig.GEMV_PARAMS, cpu_gemv_body(spec),
                          ["w", "x", "k_len", "y", "ws", "flags", "num_workers", "num_splits"], {"tirx.noalias": True})
 
 
@@ -195,7 +201,9 @@ def _gpu_operator(dt: str):
 RING_ELEMS = WARPS * STAGES * (ROWS + 1) * COLS  # per warp and stage: ROWS rows of W, then x
 
 
-def make_gpu_gemv(spec: GemvSpec):
+def gpu_gemv_body(spec: GemvSpec):
+    """The persistent kernel's body macro, taking the parameters of ``sig.GEMV_PARAMS`` by name
+    (this module's kernel and the stream-K rule's are ``sig.prim_func`` of it)."""
     dt = spec.dtype
     op = _gpu_operator(dt)
     cfg = StreamKConfig(block_size=COLS * WARPS, num_threads=32 * WARPS, stages=STAGES, max_batch=1)
@@ -236,7 +244,11 @@ def make_gpu_gemv(spec: GemvSpec):
                                           state=state, xv=xv, wv=wv, tx=tx, lane=lane, warp=warp))
         walk(ctx, op, bufs)
 
-    return sig.prim_func(spec.name, sig.GEMV_PARAMS, body,
+    return body
+
+
+def make_gpu_gemv(spec: GemvSpec):
+    return sig.prim_func(spec.name, sig.GEMV_PARAMS, gpu_gemv_body(spec),
                          ["w", "x", "k_len", "y", "ws", "flags", "num_workers", "num_splits", "grid"],
                          {"tirx.noalias": True, "tirx.is_scheduled": True})
 

@@ -23,6 +23,7 @@ SCALAR_TYPES = ("int32", "int64", "float32")
 class Param:
     name: str
     type: str = "handle"  # a buffer, or one of SCALAR_TYPES
+    var: object = None  # a parameter of another function, kept as it is (its buffer or scalar variable)
 
 
 def handles(*names: str) -> list[Param]:
@@ -43,18 +44,28 @@ def prim_func(name: str, params: Sequence[Param], body: Callable, body_args: Seq
               attrs: dict) -> tvm.tirx.PrimFunc:
     """``def <name>(<params>): T.func_attr(attrs); body(<body_args>)`` as a PrimFunc whose
     ``global_symbol`` is ``name``. ``body_args`` name parameters (in the body macro's own order);
-    ``None`` passes Python's None (the body leaves that part out)."""
-    known = {p.name for p in params}
-    for p in params:
+    ``None`` passes Python's None (the body leaves that part out). A parameter with a ``var`` is
+    that variable itself, in its place in the list: the body refers to it directly (the stream-K
+    rule keeps a function's own buffers this way), so it is not a body argument."""
+    parsed = [p for p in params if p.var is None]
+    known = {p.name for p in parsed}
+    for p in parsed:
         if p.type != "handle" and p.type not in SCALAR_TYPES:
             raise ValueError(f"parameter {p.name}: type {p.type!r} is not a handle or one of {SCALAR_TYPES}")
     missing = [a for a in body_args if a is not None and a not in known]
     if missing:
         raise ValueError(f"{name}: body arguments {missing} are not parameters")
-    sig = ", ".join(f"{p.name}: T.{p.type}" for p in params)
+    sig = ", ".join(f"{p.name}: T.{p.type}" for p in parsed)
     args = ", ".join("None" if a is None else a for a in body_args)
     src = f"@T.prim_func(s_tir=True)\ndef {name}({sig}):\n    T.func_attr(attrs)\n    body({args})\n"
-    func = tvm.script.from_source(src, extra_vars={"T": T, "body": body, "attrs": attrs})
+    kept = len(parsed) < len(params)
+    # With kept parameters the parsed function alone refers to variables it does not declare.
+    func = tvm.script.from_source(src, extra_vars={"T": T, "body": body, "attrs": attrs}, check_well_formed=not kept)
+    if kept:
+        made = dict(zip((p.name for p in parsed), func.params, strict=True))
+        func = tvm.tirx.PrimFunc([made[p.name] if p.var is None else p.var for p in params], func.body,
+                                 func.ret_type, func.attrs)
+        tvm.s_tir.analysis.verify_well_formed(func)
     return func.with_attr("global_symbol", name)
 
 

@@ -506,3 +506,14 @@ def gpu_walk(cfg: StreamKConfig):
         trace(ctx, "done")
 
     return walk
+
+
+def __getattr__(name: str):
+    """``lean_tvm.streamk.StreamK``: this primitive as a TVM schedule rule (``streamk_rule.py``).
+    The rule's block bodies are the operators built on this module, so it lives a layer above and
+    is looked up here on first use (PEP 562), never at import: no import circle."""
+    if name == "StreamK":
+        from .streamk_rule import StreamK
+
+        return StreamK
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,10 +4,12 @@
 #   python -m lean_tvm.build --arch sm_90a --out build/sm_90a
 #   python -m lean_tvm.bench.libraries --arch sm_90a --out build/sm_90a [--with-tvm-peer]),
 # the tvm-ffi wheel in .whl/ (see ../shared/docs/GPU_RUNTIME.md). Logs go to ${OUT:-gpu_out}/.
-# Usage: bash scripts/gpu_checks.sh [tests] [sanitize] [llama] [host] [bench] [tune] [relax] [paged]
+# Usage: bash scripts/gpu_checks.sh [tests] [sanitize] [llama] [host] [bench] [tune] [relax] [paged] [segment_sum]
 # (bench wants the peers: FlashInfer in .gpu/fi (../shared/tools/flashinfer_payload.sh .gpu/fi) and
 #  FA3 in .gpu/fa3 (../shared/tools/fa3_payload.sh .gpu/fa3); BENCH_ARGS default --quick;
-#  relax and paged need build/relax_gpu: python scripts/build_relax_gpu.py)
+#  relax and paged need build/relax_gpu: python scripts/build_relax_gpu.py;
+#  segment_sum, the stream-K rule's third operator, needs build/segment_sum:
+#  python tests/segment_sum.py build --arch sm_90a --out build/segment_sum, and the yardstick)
 set -u
 out=${OUT:-gpu_out}; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
@@ -29,6 +31,11 @@ for step in "$@"; do
             python3 -m lean_tvm.bench ${BENCH_ARGS:---quick} --out "$out/bench" 2>&1 | tail -30 ;;
     tune) timeout 300 python3 -m lean_tvm.bench.tune measure --lib build/tune_sm_90a --out "$out/tune.json" \
             > "$out/tune_log.txt" 2>&1; echo "tune: exit $?" ;;
+    segment_sum)
+      LEAN_TVM_SEGMENT_SUM_DIR=build/segment_sum timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider \
+        tests/test_segment_sum_gpu.py 2>&1 | tee "$out/segment_sum_tests.txt" | tail -5
+      timeout 400 python3 tests/segment_sum.py bench --lib build/segment_sum --yardstick "$LEAN_TVM_LIB_DIR" 2>&1 \
+        | tee "$out/segment_sum_bench.txt" | tail -20 ;;
     relax|paged) PYTHONPATH=$PYTHONPATH:$PWD/build/relax_gpu/site:$PWD/build/relax_gpu timeout 400 \
             python3 scripts/${step}_gpu.py 2>&1 | tee "$out/${step}_gpu.txt" | tail -30 ;;
   esac

@@ -14,14 +14,17 @@ from .op import (
     emit_lean_attention,
 )
 from .rewrite import RewriteDecodeAttention, count_attention_calls, rewrite_decode_attention
+from .streamk_pass import ApplyStreamK, apply_stream_k
 
 __all__ = [
+    "ApplyStreamK",
     "KERNEL_ATTR",
     "LEAN_ATTR",
     "OP_PATTERN_OPAQUE",
     "TIR_PIPELINE",
     "LeanConfig",
     "RewriteDecodeAttention",
+    "apply_stream_k",
     "attention_primfunc",
     "build",
     "count_attention_calls",
