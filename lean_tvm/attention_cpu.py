@@ -22,8 +22,8 @@ from types import SimpleNamespace
 import tvm
 from tvm.script import tirx as T
 
+from . import kv_fp8, streamk
 from . import signature as sig
-from . import streamk
 from .softmax import FLT_MAX, LOG2E, LSE_NATURAL, NEG_INF, LseConvention
 from .spec import AttentionSpec, StreamKConfig
 from .tiles import TileLayout, started_lens
@@ -226,16 +226,20 @@ class _TileQueries:
 
 class _TableRows:
     """A page pool [P, Hkv, page, D] read as the operator's ``K[b, h, row, d]``: row ``leftpad[b] +
-    row`` of sequence b is slot ``% page`` of page ``block_table[b, // page]``."""
+    row`` of sequence b is slot ``% page`` of page ``block_table[b, // page]``. An fp8 pool (bytes)
+    reads as the decoded value times its KV head's ``scale``."""
 
-    def __init__(self, pool, table, leftpad, page_size_log2, layout: TileLayout):
+    def __init__(self, pool, table, leftpad, page_size_log2, layout: TileLayout, kv_dtype=None, scale=None):
         self.pool, self.table, self.leftpad, self.psl, self.layout = pool, table, leftpad, page_size_log2, layout
+        self.kv_dtype, self.scale = kv_dtype, scale
 
     def __getitem__(self, index):
         b, h, row, d = index
         at = row + self.leftpad[b]
         page = self.table[b, T.shift_right(at, self.psl)]
-        return self.pool[page, self.layout.kv_head(h), T.bitwise_and(at, T.shift_left(1, self.psl) - 1), d]
+        kvh = self.layout.kv_head(h)
+        value = self.pool[page, kvh, T.bitwise_and(at, T.shift_left(1, self.psl) - 1), d]
+        return value if self.kv_dtype is None else kv_fp8.decode(self.kv_dtype, value) * self.scale[kvh]
 
 
 def paged_outputs(spec: AttentionSpec):
@@ -270,26 +274,31 @@ def make_cpu_paged_kernel(spec: AttentionSpec, block_size: int = 64, tile_cost: 
     """The serial stream-K kernel of the paged form (see the module docstring), for ``llvm``:
     q [B, Sq, Hq, D]; k, v page pools [P, Hkv, page, D] (strided); block_table int32 [B, pages];
     seq_lens, leftpad int32 [B]; o [B, Sq, Hq, D], lse [B, Sq, Hq]; cache_len = pages x page
-    (lengths are clamped to it); page = 2^page_size_log2."""
+    (lengths are clamped to it); page = 2^page_size_log2. An fp8 spec (``spec.kv_dtype``) takes
+    the pools as bytes and fp32 [Hkv] scales k_scale, v_scale after leftpad (``sig.PAGED_FP8_PARAMS``)."""
     GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
+    fp8 = spec.kv_dtype is not None
     write_output, write_empty = paged_outputs(spec)
     op = dataclasses.replace(cpu_operator(spec, block_size), write_output=write_output, write_empty=write_empty)
     run = run_walk_macro(spec, block_size, tile_cost, op=op)
     one, two, d64, g64 = (tvm.tirx.const(x, "int64") for x in (1, 2, D, GM))
+    kv_dt = "uint8" if fp8 else dt
 
     @T.macro
-    def body(q, k, v, block_table, seq_lens, leftpad, o, lse, ws_o, ws_ml, flags, softmax_scale, cache_len,
-             page_size_log2, num_workers, num_splits):
+    def body(q, k, v, block_table, seq_lens, leftpad, k_scale, v_scale, o, lse, ws_o, ws_ml, flags, softmax_scale,
+             cache_len, page_size_log2, num_workers, num_splits):
         B, SQ, HQ, HKV, P, PS, MP, WSN = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), \
             T.int64(), T.int64()
         sqb, sqs, sqh, skp, skh, skr = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         svp, svh, svr, stb = T.int64(), T.int64(), T.int64(), T.int64()
         Q = T.match_buffer(q, (B, SQ, HQ, d64), dt, strides=(sqb, sqs, sqh, one))
-        K = T.match_buffer(k, (P, HKV, PS, d64), dt, strides=(skp, skh, skr, one))
-        V = T.match_buffer(v, (P, HKV, PS, d64), dt, strides=(svp, svh, svr, one))
+        K = T.match_buffer(k, (P, HKV, PS, d64), kv_dt, strides=(skp, skh, skr, one))
+        V = T.match_buffer(v, (P, HKV, PS, d64), kv_dt, strides=(svp, svh, svr, one))
         TABLE = T.match_buffer(block_table, (B, MP), "int32", strides=(stb, one))
         SL = T.match_buffer(seq_lens, (B,), "int32")
         LP = T.match_buffer(leftpad, (B,), "int32")
+        KSC = T.meta_var(T.match_buffer(k_scale, (HKV,), "float32", strides=(T.int64(),)) if fp8 else None)
+        VSC = T.meta_var(T.match_buffer(v_scale, (HKV,), "float32", strides=(T.int64(),)) if fp8 else None)
         O = T.match_buffer(o, (B, SQ, HQ, d64), dt)
         LSE = T.match_buffer(lse, (B, SQ, HQ), "float32")
         WSO = T.match_buffer(ws_o, (WSN, g64, d64), "float32")
@@ -302,10 +311,12 @@ def make_cpu_paged_kernel(spec: AttentionSpec, block_size: int = 64, tile_cost: 
         ctx = T.meta_var(SimpleNamespace(SL=started_lens(SL, LP, cache_len), B=T.Cast("int32", B), H=hkv * lay.C,
                                          LMAX=cache_len, NW=num_workers, SPLITS=num_splits, FLAGS=FLAGS))
         inputs = T.meta_var(SimpleNamespace(
-            Q=_TileQueries(Q, lay), K=_TableRows(K, TABLE, LP, page_size_log2, lay),
-            V=_TableRows(V, TABLE, LP, page_size_log2, lay), O4=O, LSE4=LSE, WSO=WSO, WSML=WSML, HQ=hq,
-            G=rows, layout=lay, limit=lay.limit, scale=softmax_scale))
+            Q=_TileQueries(Q, lay), K=_TableRows(K, TABLE, LP, page_size_log2, lay, spec.kv_dtype, KSC),
+            V=_TableRows(V, TABLE, LP, page_size_log2, lay, spec.kv_dtype, VSC), O4=O, LSE4=LSE, WSO=WSO, WSML=WSML,
+            HQ=hq, G=rows, layout=lay, limit=lay.limit, scale=softmax_scale))
         run(ctx, inputs)
 
-    return sig.prim_func(spec.name + "_paged_cpu", sig.PAGED_PARAMS, body,
-                         [p.name for p in sig.PAGED_PARAMS if p.name != "grid"], {"tirx.noalias": True})
+    params = sig.PAGED_FP8_PARAMS if fp8 else sig.PAGED_PARAMS
+    args = [p.name if fp8 or p.name not in ("k_scale", "v_scale") else None for p in sig.PAGED_FP8_PARAMS
+            if p.name != "grid"]
+    return sig.prim_func(spec.name + "_paged_cpu", params, body, args, {"tirx.noalias": True})

@@ -24,8 +24,8 @@ from types import SimpleNamespace
 import tvm
 from tvm.script import tirx as T
 
+from . import kv_fp8, streamk
 from . import signature as sig
-from . import streamk
 from .softmax import FLT_MAX, LOG2E, LSE_NATURAL, NEG_INF, LseConvention
 from .spec import TRACE_EVENTS, AttentionSpec, GpuKnobs
 from .tiles import TileLayout, started_lens
@@ -44,23 +44,50 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
     (``attention_cpu.TileLayout``; :func:`make_gpu_paged_kernel`)."""
     GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
     RW, NWARP, S, NT = knobs.rows_per_warp, knobs.num_warps, knobs.stages, 32 * knobs.num_warps
+    FP8 = spec.kv_dtype is not None  # fp8 K/V: bytes in the ring, widened to fp16 in registers
     KS = D // 16  # k-steps of Q.K^T; d-tiles of the output
     NM = RW // 16  # 16-row kv tiles per warp step
     NN = GM // 8  # 8-wide head tiles
-    CH = D // 8  # 16-byte chunks per row
+    EPC = 16 // spec.kv_bytes  # K/V elements per 16-byte chunk
+    CH = D // EPC  # 16-byte chunks per row
     CPL = RW * CH // 32  # chunks per lane per matrix
     RPU = 32 // CH  # rows one warp-wide cp.async covers
     E = (GM * D + 4 * NT - 1) // (4 * NT)  # CTA-state quads (4 consecutive d of a head) per thread
     CU = 8  # partials merged per unrolled step: their loads are in flight together
     RW_LOG2 = RW.bit_length() - 1
     NO_ROWS = 1 << 30  # a causal offset that hides every row
-    mma = MMA[dt]
+    mma = MMA[spec.mma_dtype]
     full = T.uint32(0xFFFFFFFF)
     ninf = T.float32(NEG_INF)
 
+    def swizzle(c, r):
+        """Where chunk c of row r sits in its row: XOR-swizzled so that the 8 rows one ldmatrix
+        reads hit distinct banks (fp8 rows of 4 chunks, D = 64, pair up in a 128-byte line)."""
+        if CH >= 8:
+            return T.bitwise_xor(c, T.bitwise_and(r, 7))
+        return T.bitwise_xor(c, T.bitwise_and(T.shift_right(r, 1), 3))
+
     def ring(warp, stage, kv, r, c):
-        """Element offset of 16-byte chunk c of row r; XOR swizzle keeps ldmatrix conflict-free."""
-        return ((((warp * S + stage) * 2 + kv) * RW + r) * D) + T.bitwise_xor(c, T.bitwise_and(r, 7)) * 8
+        """Element offset of 16-byte chunk c of row r in the ring."""
+        return ((((warp * S + stage) * 2 + kv) * RW + r) * D) + swizzle(c, r) * EPC
+
+    def q_col(t, j):
+        """Head-dim offset (in a 16-wide k-step) of the lane's Q^T word j. The fp8 K fragment holds
+        four consecutive d of a row (a 16-bit ldmatrix of bytes), so its k order, which Q^T must
+        share, is d = 4t + {0, 1} (k = 2t + {0, 1}) and 4t + {2, 3} (k = 2t + 8 + {0, 1})."""
+        return t * 4 + 2 * j if FP8 else t * 2 + 8 * j
+
+    def q_word(word):
+        """A Q^T word as the mma operand: bf16 queries meet fp8 K/V in fp16."""
+        return kv_fp8.bf16_pair_to_f16(word) if FP8 and dt == "bfloat16" else word
+
+    def acc_d(kk, g, i):
+        """Head-dim index of accumulator element i of d-tile kk for the lane's row g. The fp8 V^T
+        fragment (a transposing 16-bit ldmatrix of bytes) gives a lane the even and the odd d of a
+        byte pair: d-tiles 2c and 2c + 1 hold d = 32c + 2g (+ 16) and that + 1."""
+        if FP8:
+            return T.truncdiv(kk, 2) * 32 + 2 * g + T.truncmod(kk, 2) + 16 * T.truncdiv(i, 2)
+        return kk * 16 + g + 8 * T.truncdiv(i, 2)
 
     @T.macro
     def begin_tile(bufs, b, h):
@@ -90,9 +117,10 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
         lane = T.meta_var(bufs.lane)
         for u in T.unroll(CPL):
             r = T.meta_var(u * RPU + T.truncdiv(lane, CH))
-            bufs.soff[u] = r * D + T.bitwise_xor(T.truncmod(lane, CH), T.bitwise_and(r, 7)) * 8
-        bufs.goff[K_ROW] = T.Cast("int64", T.truncdiv(lane, CH)) * bufs.skl + T.Cast("int64", T.truncmod(lane, CH) * 8)
-        bufs.goff[V_ROW] = T.Cast("int64", T.truncdiv(lane, CH)) * bufs.svl + T.Cast("int64", T.truncmod(lane, CH) * 8)
+            bufs.soff[u] = r * D + swizzle(T.truncmod(lane, CH), r) * EPC
+        col = T.meta_var(T.Cast("int64", T.truncmod(lane, CH) * EPC))  # the chunk's first element in its row
+        bufs.goff[K_ROW] = T.Cast("int64", T.truncdiv(lane, CH)) * bufs.skl + col
+        bufs.goff[V_ROW] = T.Cast("int64", T.truncdiv(lane, CH)) * bufs.svl + col
 
     @T.macro
     def load(bufs, stage, b, h, row0, n):
@@ -120,6 +148,54 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
                 16, T.Select(ok, T.uint32(16), T.uint32(0)))
 
     @T.macro
+    def qk_fp8(bufs, stage, mt):
+        """S^T of kv tile mt from fp8 K: one ldmatrix.x4 of bytes covers 32 d (two k-steps): words
+        r0, r1 = rows g, g + 8 at d 4t..4t+3, r2, r3 the same 16 d on; lo/hi widen their pairs."""
+        lane, warp = T.meta_var(bufs.lane), T.meta_var(bufs.warp)
+        for c in T.unroll(KS // 2):
+            T.ptx.ldmatrix.sync.aligned.m8n8.x4.shared.b16(
+                bufs.fr[0], bufs.fr[1], bufs.fr[2], bufs.fr[3],
+                T.address_of(bufs.RING[ring(warp, stage, 0, mt * 16 + T.truncmod(lane, 16),
+                                            c * 2 + T.truncdiv(lane, 16))]))
+            for p in T.unroll(2):
+                bufs.af[0] = kv_fp8.widen_pair(spec.kv_dtype, "lo", bufs.fr[2 * p])
+                bufs.af[1] = kv_fp8.widen_pair(spec.kv_dtype, "lo", bufs.fr[2 * p + 1])
+                bufs.af[2] = kv_fp8.widen_pair(spec.kv_dtype, "hi", bufs.fr[2 * p])
+                bufs.af[3] = kv_fp8.widen_pair(spec.kv_dtype, "hi", bufs.fr[2 * p + 1])
+                for nn in T.unroll(NN):
+                    x = T.meta_var((mt * NN + nn) * 4)
+                    kk = T.meta_var(c * 2 + p)
+                    T.ptx[mma](bufs.sc[x], bufs.sc[x + 1], bufs.sc[x + 2], bufs.sc[x + 3],
+                               bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
+                               bufs.qw[(nn * KS + kk) * 2], bufs.qw[(nn * KS + kk) * 2 + 1],
+                               bufs.sc[x], bufs.sc[x + 1], bufs.sc[x + 2], bufs.sc[x + 3])
+
+    @T.macro
+    def pv_half(bufs, mt, c, p, which):
+        """The mma of d-tile 2c + p: A = the ``which`` ("even"/"odd") byte of each pair."""
+        for q in T.unroll(4):
+            bufs.af[q] = kv_fp8.widen_pair(spec.kv_dtype, which, bufs.fr[q])
+        for nn in T.unroll(NN):
+            x = T.meta_var((nn * KS + c * 2 + p) * 4)
+            T.ptx[mma](bufs.acc[x], bufs.acc[x + 1], bufs.acc[x + 2], bufs.acc[x + 3],
+                       bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
+                       bufs.pb[(mt * NN + nn) * 2], bufs.pb[(mt * NN + nn) * 2 + 1],
+                       bufs.acc[x], bufs.acc[x + 1], bufs.acc[x + 2], bufs.acc[x + 3])
+
+    @T.macro
+    def pv_fp8(bufs, stage, mt):
+        """O^T += V^T P^T from fp8 V: a transposing ldmatrix.x4 of byte pairs gives lane (g, t) rows
+        2t, 2t + 1 (and + 8) at d 32c + 2g, + 1 (and + 16); the even and odd bytes are two d-tiles."""
+        lane, warp = T.meta_var(bufs.lane), T.meta_var(bufs.warp)
+        for c in T.unroll(KS // 2):
+            T.ptx.ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16(
+                bufs.fr[0], bufs.fr[1], bufs.fr[2], bufs.fr[3],
+                T.address_of(bufs.RING[ring(warp, stage, 1, mt * 16 + T.truncmod(lane, 8) + 8 * T.truncdiv(lane, 16),
+                                            c * 2 + T.truncmod(T.truncdiv(lane, 8), 2))]))
+            pv_half(bufs, mt, c, 0, "even")
+            pv_half(bufs, mt, c, 1, "odd")
+
+    @T.macro
     def compute(bufs, stage, b, h, row0, n):
         lane, warp = T.meta_var(bufs.lane), T.meta_var(bufs.warp)
         g = T.meta_var(T.truncdiv(lane, 4))
@@ -128,17 +204,20 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
             for nn in T.unroll(NN):
                 for i in T.unroll(4):
                     bufs.sc[(mt * NN + nn) * 4 + i] = T.float32(0)
-            for kk in T.unroll(KS):
-                T.ptx.ldmatrix.sync.aligned.m8n8.x4.shared.b16(
-                    bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
-                    T.address_of(bufs.RING[ring(warp, stage, 0, mt * 16 + T.truncmod(lane, 16),
-                                                kk * 2 + T.truncdiv(lane, 16))]))
-                for nn in T.unroll(NN):
-                    x = T.meta_var((mt * NN + nn) * 4)
-                    T.ptx[mma](bufs.sc[x], bufs.sc[x + 1], bufs.sc[x + 2], bufs.sc[x + 3],
-                               bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
-                               bufs.qw[(nn * KS + kk) * 2], bufs.qw[(nn * KS + kk) * 2 + 1],
-                               bufs.sc[x], bufs.sc[x + 1], bufs.sc[x + 2], bufs.sc[x + 3])
+            if FP8:
+                qk_fp8(bufs, stage, mt)
+            else:
+                for kk in T.unroll(KS):
+                    T.ptx.ldmatrix.sync.aligned.m8n8.x4.shared.b16(
+                        bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
+                        T.address_of(bufs.RING[ring(warp, stage, 0, mt * 16 + T.truncmod(lane, 16),
+                                                    kk * 2 + T.truncdiv(lane, 16))]))
+                    for nn in T.unroll(NN):
+                        x = T.meta_var((mt * NN + nn) * 4)
+                        T.ptx[mma](bufs.sc[x], bufs.sc[x + 1], bufs.sc[x + 2], bufs.sc[x + 3],
+                                   bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
+                                   bufs.qw[(nn * KS + kk) * 2], bufs.qw[(nn * KS + kk) * 2 + 1],
+                                   bufs.sc[x], bufs.sc[x + 1], bufs.sc[x + 2], bufs.sc[x + 3])
         # Mask rows past the length (by min, not a branch: see merge_some), scale into log2. The
         # paged form's query i sees Sq - 1 - i rows fewer (qoff of the lane's columns 2t, 2t + 1).
         for mt in T.unroll(NM):
@@ -180,18 +259,21 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
             T.ptx.movmatrix.sync.aligned.m8n8.trans.b16(bufs.pb[x], bufs.pw[x])
         # O^T += V^T P^T: A = V^T by ldmatrix.trans.
         for mt in T.unroll(NM):
-            for kk in T.unroll(KS):
-                T.ptx.ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16(
-                    bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
-                    T.address_of(bufs.RING[ring(warp, stage, 1,
-                                                mt * 16 + T.truncmod(lane, 8) + 8 * T.truncdiv(lane, 16),
-                                                kk * 2 + T.truncmod(T.truncdiv(lane, 8), 2))]))
-                for nn in T.unroll(NN):
-                    x = T.meta_var((nn * KS + kk) * 4)
-                    T.ptx[mma](bufs.acc[x], bufs.acc[x + 1], bufs.acc[x + 2], bufs.acc[x + 3],
-                               bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
-                               bufs.pb[(mt * NN + nn) * 2], bufs.pb[(mt * NN + nn) * 2 + 1],
-                               bufs.acc[x], bufs.acc[x + 1], bufs.acc[x + 2], bufs.acc[x + 3])
+            if FP8:
+                pv_fp8(bufs, stage, mt)
+            else:
+                for kk in T.unroll(KS):
+                    T.ptx.ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16(
+                        bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
+                        T.address_of(bufs.RING[ring(warp, stage, 1,
+                                                    mt * 16 + T.truncmod(lane, 8) + 8 * T.truncdiv(lane, 16),
+                                                    kk * 2 + T.truncmod(T.truncdiv(lane, 8), 2))]))
+                    for nn in T.unroll(NN):
+                        x = T.meta_var((nn * KS + kk) * 4)
+                        T.ptx[mma](bufs.acc[x], bufs.acc[x + 1], bufs.acc[x + 2], bufs.acc[x + 3],
+                                   bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
+                                   bufs.pb[(mt * NN + nn) * 2], bufs.pb[(mt * NN + nn) * 2 + 1],
+                                   bufs.acc[x], bufs.acc[x + 1], bufs.acc[x + 2], bufs.acc[x + 3])
 
     @T.macro
     def combine(bufs):
@@ -212,7 +294,7 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
                 for i in T.unroll(4):
                     head = T.meta_var(nn * 8 + 2 * t + T.truncmod(i, 2))
                     if head < bufs.G:
-                        d = T.meta_var(kk * 16 + g + 8 * T.truncdiv(i, 2))
+                        d = T.meta_var(acc_d(kk, g, i))
                         bufs.ACCW[(warp * bufs.G + head) * D + d] = bufs.acc[(nn * KS + kk) * 4 + i]
         T.tvm_storage_sync("shared")
         # One barrier: every thread rescales the warps of its quad's head itself (NWARP exp2s),
@@ -385,9 +467,11 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
             for kk in T.unroll(KS):
                 for j in T.unroll(2):
                     bufs.qw[(nn * KS + kk) * 2 + j] = T.bitwise_and(
-                        bufs.QW[T.truncdiv(row + T.Cast("int64", kk * 16 + t * 2 + 8 * j), 2)], keep)
+                        q_word(bufs.QW[T.truncdiv(row + T.Cast("int64", kk * 16 + q_col(t, j)), 2)]), keep)
                 for e in T.unroll(4):
                     bufs.acc[(nn * KS + kk) * 4 + e] = T.float32(0)
+        if FP8:  # K's scale folds into the tile's softmax scale
+            bufs.slog2[0] = bufs.scale_base * bufs.KSC[lay.kv_head(h)]
 
     @T.macro
     def setup_paged(bufs):
@@ -396,8 +480,8 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
         lane = T.meta_var(bufs.lane)
         for u in T.unroll(CPL):
             r = T.meta_var(u * RPU + T.truncdiv(lane, CH))
-            bufs.soff[u] = r * D + T.bitwise_xor(T.truncmod(lane, CH), T.bitwise_and(r, 7)) * 8
-        bufs.goff[K_ROW] = T.Cast("int64", T.truncmod(lane, CH) * 8)
+            bufs.soff[u] = r * D + swizzle(T.truncmod(lane, CH), r) * EPC
+        bufs.goff[K_ROW] = T.Cast("int64", T.truncmod(lane, CH) * EPC)
 
     @T.macro
     def prefetch_paged(bufs, b, h, row0, n):
@@ -470,8 +554,9 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
             if x < bufs.G * D and lay.valid(h, r):
                 seen = T.meta_var(bufs.el[e] > T.float32(0))
                 for j in T.unroll(4):
+                    o = T.meta_var(bufs.eo[e * 4 + j] / T.max(bufs.el[e], T.float32(1e-30)))
                     bufs.O[b, lay.token(h, r), lay.head(h, r), T.truncmod(x, D) + j] = T.Cast(dt, T.Select(
-                        seen, bufs.eo[e * 4 + j] / T.max(bufs.el[e], T.float32(1e-30)), T.float32(0)))
+                        seen, o * bufs.VSC[lay.kv_head(h)] if FP8 else o, T.float32(0)))  # V's scale
                 if T.truncmod(x, D) == 0:
                     bufs.LSE[b, lay.token(h, r), lay.head(h, r)] = T.Select(
                         seen, (bufs.em[e] + T.log2(bufs.el[e])) * T.float32(bufs.lse_unit), T.float32(bufs.lse_empty))
@@ -522,7 +607,8 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse: LseConvention = 
     op, sizes = gpu_operator(spec, knobs, paged)
     KS, NM, NN, E, CU = (sizes[k] for k in ("KS", "NM", "NN", "E", "CU"))
     walk = streamk.gpu_walk(cfg)
-    ring_elems = NWARP * knobs.stages * 2 * knobs.rows_per_warp * D
+    fp8 = spec.kv_dtype is not None
+    ring_elems = NWARP * knobs.stages * 2 * knobs.rows_per_warp * D * spec.kv_bytes // 2  # 16-bit words
 
     @T.macro
     def kernel(src, O, LSE, WSO, WSML, FLAGS, softmax_scale, num_workers, num_splits, grid, TRACE):
@@ -533,6 +619,8 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse: LseConvention = 
         ring = T.alloc_buffer((ring_elems + NWARP * GM * D * 2,), "uint16", scope="shared.dyn")
         accw = T.decl_buffer((NWARP * GM * D,), "float32", data=ring.data, elem_offset=ring_elems // 2,
                              scope="shared.dyn")
+        ring8 = T.meta_var(T.decl_buffer((ring_elems * 2,), "uint8", data=ring.data, scope="shared.dyn") if fp8
+                           else None)  # an fp8 ring, addressed in bytes
         mw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")  # the warps' m per head
         lw = T.alloc_buffer((NWARP * GM,), "float32", scope="shared")  # ... and l
         cum = T.alloc_buffer((cfg.max_batch + 1,), "int32", scope="shared")
@@ -551,7 +639,7 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse: LseConvention = 
         mrow = T.alloc_buffer((NN * 2,), "float32", scope="local")  # running max of the lane's heads
         lrow = T.alloc_buffer((NN * 2,), "float32", scope="local")  # running sum
         sc = T.alloc_buffer((NM * NN * 4,), "float32", scope="local")  # S^T of one step
-        ph = T.alloc_buffer((NM * NN * 4,), spec.dtype, scope="local")  # P^T, 16-bit
+        ph = T.alloc_buffer((NM * NN * 4,), spec.mma_dtype, scope="local")  # P^T, 16-bit
         pw = T.decl_buffer((NM * NN * 2,), "uint32", data=ph.data, scope="local")
         pb = T.alloc_buffer((NM * NN * 2,), "uint32", scope="local")  # P^T as the mma B operand
         af = T.alloc_buffer((4,), "uint32", scope="local")  # an A fragment (K or V^T)
@@ -571,6 +659,8 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse: LseConvention = 
         last = T.meta_var(T.alloc_buffer((1,), "int32", scope="local") if paged else None)  # the last valid row
         pg = T.meta_var(T.alloc_buffer((sizes["CPL"],), "int32", scope="local") if paged else None)  # next pages
         lpr = T.meta_var(T.alloc_buffer((1,), "int32", scope="local") if paged else None)  # next block's leftpad
+        fr = T.meta_var(T.alloc_buffer((4,), "uint32", scope="local") if fp8 else None)  # fp8 bytes (ldmatrix)
+        slog2 = T.meta_var(T.alloc_buffer((1,), "float32", scope="local") if fp8 else None)  # the tile's scale
         lane, warp = T.meta_var(T.truncmod(tx, 32)), T.meta_var(T.truncdiv(tx, 32))
         ctx = T.meta_var(streamk.WalkContext(
             SL=src.SL, LENS=lens, B=src.B, H=src.TILES, LMAX=src.LMAX, CUM=cum, NW=num_workers, SPLITS=num_splits,
@@ -578,11 +668,13 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse: LseConvention = 
             grid=grid, TRACE=TRACE))
         bufs = T.meta_var(SimpleNamespace(
             **vars(src), O=O, LSE=LSE, WSO=WSO, WSML=WSML, G=src.ROWS, soff=soff, goff=goff,
-            gaddr=gaddr, left=left, RING=ring, ACCW=accw, MW=mw, LW=lw, qw=qw, acc=acc, mrow=mrow,
+            gaddr=gaddr, left=left, RING=ring8 if fp8 else ring, ACCW=accw, fr=fr, slog2=slog2, MW=mw, LW=lw, qw=qw,
+            acc=acc, mrow=mrow,
             lrow=lrow, sc=sc, ph=ph, pw=pw, pb=pb, af=af, m_new=m_new, m_safe=m_safe, alpha=alpha, beta=beta,
             shfl=shfl, eo=eo, em=em, el=el, w4=w4, mc=mc, lc=lc, ok=ok, qoff=qoff, last=last, pg=pg, lpr=lpr, tx=tx,
             lane=lane,
-            warp=warp, scale_log2=softmax_scale * T.float32(LOG2E), lse_unit=lse.unit, lse_empty=lse.empty))
+            warp=warp, scale_base=softmax_scale * T.float32(LOG2E),
+            scale_log2=slog2[0] if fp8 else softmax_scale * T.float32(LOG2E), lse_unit=lse.unit, lse_empty=lse.empty))
         walk(ctx, op, bufs)
 
     return kernel
@@ -649,31 +741,37 @@ def make_gpu_paged_kernel(spec: AttentionSpec, knobs: GpuKnobs | None = None, na
     contract): q [B, Sq, Hq, D]; k, v page pools [P, Hkv, page, D] (any strides with a contiguous
     head dim: views of [P, page, Hkv, D] pools or of one combined K/V tensor); block_table int32
     [B, pages]; seq_lens, leftpad int32 [B]; o [B, Sq, Hq, D]; lse [B, Sq, Hq]. A dense cache is
-    one page per sequence: table[b, 0] = b, page_size_log2 = 30."""
+    one page per sequence: table[b, 0] = b, page_size_log2 = 30. An fp8 spec (``spec.kv_dtype``)
+    takes the pools as bytes and fp32 [Hkv] scales k_scale, v_scale after leftpad
+    (``sig.PAGED_FP8_PARAMS``): K's folds into the softmax scale, V's into the output."""
     GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
+    fp8 = spec.kv_dtype is not None
+    kv_dt = "uint8" if fp8 else dt
     kernel = gpu_kernel_macro(spec, knobs or GpuKnobs(), paged=True)
     one, two, d64, g64 = (tvm.tirx.const(x, "int64") for x in (1, 2, D, GM))
 
     @T.macro
-    def body(q, k, v, block_table, seq_lens, leftpad, o, lse, ws_o, ws_ml, flags, softmax_scale, cache_len,
-             page_size_log2, num_workers, num_splits, grid):
+    def body(q, k, v, block_table, seq_lens, leftpad, k_scale, v_scale, o, lse, ws_o, ws_ml, flags, softmax_scale,
+             cache_len, page_size_log2, num_workers, num_splits, grid):
         B, SQ, HQ, HKV, P, PS, MP, WSN = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), \
             T.int64(), T.int64()
         sqb, sqs, sqh, skp, skh, skr = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         svp, svh, svr, stb = T.int64(), T.int64(), T.int64(), T.int64()
         Q = T.match_buffer(q, (B, SQ, HQ, d64), dt, strides=(sqb, sqs, sqh, one))
-        K = T.match_buffer(k, (P, HKV, PS, d64), dt, strides=(skp, skh, skr, one))
-        V = T.match_buffer(v, (P, HKV, PS, d64), dt, strides=(svp, svh, svr, one))
+        K = T.match_buffer(k, (P, HKV, PS, d64), kv_dt, strides=(skp, skh, skr, one))
+        V = T.match_buffer(v, (P, HKV, PS, d64), kv_dt, strides=(svp, svh, svr, one))
         TABLE = T.match_buffer(block_table, (B, MP), "int32", strides=(stb, one))
         SL = T.match_buffer(seq_lens, (B,), "int32")
         LP = T.match_buffer(leftpad, (B,), "int32")
+        KSC = T.meta_var(T.match_buffer(k_scale, (HKV,), "float32", strides=(T.int64(),)) if fp8 else None)
+        VSC = T.meta_var(T.match_buffer(v_scale, (HKV,), "float32", strides=(T.int64(),)) if fp8 else None)
         O = T.match_buffer(o, (B, SQ, HQ, d64), dt)
         LSE = T.match_buffer(lse, (B, SQ, HQ), "float32")
         WSO = T.match_buffer(ws_o, (WSN, g64, d64), "float32")
         WSML = T.match_buffer(ws_ml, (WSN, two, g64), "float32")
         FLAGS = T.match_buffer(flags, (WSN,), "int32")
-        KF = T.decl_buffer((skp * P,), dt, data=K.data)
-        VF = T.decl_buffer((svp * P,), dt, data=V.data)
+        KF = T.decl_buffer((skp * P,), kv_dt, data=K.data)
+        VF = T.decl_buffer((svp * P,), kv_dt, data=V.data)
         QW = T.decl_buffer((sqb * B,), "uint32", data=Q.data)
         TBF = T.decl_buffer((stb * B,), "int32", data=TABLE.data)
         hkv, hq, sq = T.meta_var(T.Cast("int32", HKV)), T.meta_var(T.Cast("int32", HQ)), T.meta_var(T.Cast("int32", SQ))
@@ -681,10 +779,12 @@ def make_gpu_paged_kernel(spec: AttentionSpec, knobs: GpuKnobs | None = None, na
         rows = T.meta_var(T.min(GM, sq * g))
         lay = T.meta_var(TileLayout(rows, g, sq, T.truncdiv(sq * g + (rows - 1), rows)))
         src = T.meta_var(SimpleNamespace(
-            QW=QW, KF=KF, VF=VF, TBF=TBF, LP=LP, sqb=sqb, sqs=sqs, sqh=sqh, skp=skp, skh=skh, skr=skr, svp=svp,
-            svh=svh, svr=svr, stb=stb, PSL=page_size_log2, SL=started_lens(SL, LP, cache_len), B=T.Cast("int32", B),
-            HQ=hq, HKV=hkv, LMAX=cache_len, ROWS=rows, TILES=hkv * lay.C, layout=lay))
+            QW=QW, KF=KF, VF=VF, TBF=TBF, LP=LP, KSC=KSC, VSC=VSC, sqb=sqb, sqs=sqs, sqh=sqh, skp=skp, skh=skh,
+            skr=skr, svp=svp, svh=svh, svr=svr, stb=stb, PSL=page_size_log2, SL=started_lens(SL, LP, cache_len),
+            B=T.Cast("int32", B), HQ=hq, HKV=hkv, LMAX=cache_len, ROWS=rows, TILES=hkv * lay.C, layout=lay))
         kernel(src, O, LSE, WSO, WSML, FLAGS, softmax_scale, num_workers, num_splits, grid, None)
 
-    return sig.prim_func(name or spec.name + "_paged", sig.PAGED_PARAMS, body, [p.name for p in sig.PAGED_PARAMS],
+    params = sig.PAGED_FP8_PARAMS if fp8 else sig.PAGED_PARAMS
+    args = [p.name if fp8 or p.name not in ("k_scale", "v_scale") else None for p in sig.PAGED_FP8_PARAMS]
+    return sig.prim_func(name or spec.name + "_paged", params, body, args,
                          {"tirx.noalias": True, "tirx.is_scheduled": True})

@@ -29,9 +29,10 @@ from pathlib import Path
 
 from .library import ATTENTION_OP, DENSE, GEMV_OP, MANIFEST, PAGED, cache_root, find_library_dir, library_name
 from .schedule_records import batch_knobs, batch_tile_cost, knobs_for, load_records
-from .spec import DTYPES, HEAD_DIMS, MAX_GROUPS, AttentionSpec
+from .spec import DTYPES, HEAD_DIMS, KV_DTYPES, MAX_GROUPS, AttentionSpec
 
 SUPPORTED_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")  # mma bf16, cp.async, movmatrix
+FP8_ARCHS = ("sm_89", "sm_90", "sm_90a")  # cvt.rn.f16x2.e4m3x2 / e5m2x2: the fp8 cache kernels
 
 
 class BuildError(RuntimeError):
@@ -99,8 +100,10 @@ def default_specs():
 
 
 def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_path: str | None = None,
-               keep_source: bool = True) -> dict:
-    """Generate, compile and describe one library for ``arch``; returns the manifest."""
+               keep_source: bool = True, kv_dtypes: Sequence[str] = KV_DTYPES) -> dict:
+    """Generate, compile and describe one library for ``arch``; returns the manifest. Each spec
+    gets its dense and paged kernels and, on ``FP8_ARCHS``, a paged kernel per fp8 cache dtype in
+    ``kv_dtypes`` (which serves dense fp8 caches too, as one page per sequence)."""
     import tvm
 
     from .attention_gpu import make_gpu_paged_kernel
@@ -116,25 +119,27 @@ def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_
     kernels, funcs = [], {}
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
     t0 = time.time()
-    for i, spec in enumerate(specs):
+    fp8 = [kv for kv in kv_dtypes if kv] if arch in FP8_ARCHS else []
+    jobs = [(spec, form) for spec in specs for form in (DENSE, PAGED)]
+    jobs += [(dataclasses.replace(spec, kv_dtype=kv), PAGED) for spec in specs for kv in fp8]
+    for i, (spec, form) in enumerate(jobs):
         knobs = knobs_for(records, spec, arch)
         variants = [("plain", knobs)]
         cost, many = batch_tile_cost(records, spec), batch_knobs(records, spec, arch)
         if cost or many:
             variants.append(("batch", dataclasses.replace(many or knobs, tile_cost=cost)))
-        compute = make_decode_attention(spec.dtype, spec.head_dim, spec.max_group)
-        for form in (DENSE, PAGED):
-            for variant, kn in variants:
-                name = spec.name + ("_paged" if form == PAGED else "") + ("_batch" if variant == "batch" else "")
-                _log(f"[{i + 1}/{len(specs)}] TensorIR -> schedule: {name} {kn}")
-                if form == DENSE:  # the rule applied to the TensorIR
-                    funcs[name] = rule_kernel(compute, target, name, StreamK(knobs=kn))
-                else:  # the paged form's generator (same operator macros, table addressing)
-                    funcs[name] = make_gpu_paged_kernel(spec, kn, name=name)
-                kernels.append({"name": name, "op": ATTENTION_OP, "form": form, "variant": variant, "dtype": spec.dtype,
-                                "head_dim": spec.head_dim, "max_group": spec.max_group,
-                                "knobs": dataclasses.asdict(kn), "block_size": kn.block_size,
-                                "dynamic_smem_bytes": kn.ring_bytes(spec)})
+        for variant, kn in variants:
+            name = spec.name + ("_paged" if form == PAGED else "") + ("_batch" if variant == "batch" else "")
+            _log(f"[{i + 1}/{len(jobs)}] TensorIR -> schedule: {name} {kn}")
+            if form == DENSE:  # the rule applied to the TensorIR
+                compute = make_decode_attention(spec.dtype, spec.head_dim, spec.max_group)
+                funcs[name] = rule_kernel(compute, target, name, StreamK(knobs=kn))
+            else:  # the paged form's generator (same operator macros, table addressing)
+                funcs[name] = make_gpu_paged_kernel(spec, kn, name=name)
+            kernels.append({"name": name, "op": ATTENTION_OP, "form": form, "variant": variant, "dtype": spec.dtype,
+                            "kv_dtype": spec.kv_dtype, "head_dim": spec.head_dim, "max_group": spec.max_group,
+                            "knobs": dataclasses.asdict(kn), "block_size": kn.block_size,
+                            "dynamic_smem_bytes": kn.ring_bytes(spec)})
     for gspec in GEMV_SPECS:
         funcs[gspec.name] = rule_kernel(make_gemv(gspec.dtype), target, gspec.name, StreamK())
         kernels.append({"name": gspec.name, "op": GEMV_OP, **gspec.describe()})
@@ -222,8 +227,10 @@ def _source_path(lib: str) -> str:
     return os.path.splitext(lib)[0] + ".cu"
 
 
-def build_cpu(out_dir: str, specs: Sequence[AttentionSpec], block_size: int = 64) -> dict:
-    """The ``llvm`` form: the package's fallback when there is no GPU, loadable by tvm-ffi."""
+def build_cpu(out_dir: str, specs: Sequence[AttentionSpec], block_size: int = 64,
+              kv_dtypes: Sequence[str] = KV_DTYPES) -> dict:
+    """The ``llvm`` form: the package's fallback when there is no GPU, loadable by tvm-ffi (the
+    same kernels as ``build_cuda``'s, fp8 caches included)."""
     import tvm
 
     from .attention_cpu import make_cpu_paged_kernel
@@ -242,11 +249,14 @@ def build_cpu(out_dir: str, specs: Sequence[AttentionSpec], block_size: int = 64
         seen.add((spec.dtype, spec.head_dim, spec.max_group))
         name = spec.name + "_cpu"
         funcs[name] = rule_kernel(make_decode_attention(spec.dtype, spec.head_dim, spec.max_group), target, name, rule)
-        paged = make_cpu_paged_kernel(spec, block_size)
-        funcs[paged.attrs["global_symbol"]] = paged
-        for form, fname in ((DENSE, name), (PAGED, paged.attrs["global_symbol"])):
-            kernels.append({"name": fname, "op": ATTENTION_OP, "form": form, "dtype": spec.dtype,
-                            "head_dim": spec.head_dim, "max_group": spec.max_group, "block_size": block_size})
+        kernels.append({"name": name, "op": ATTENTION_OP, "form": DENSE, "dtype": spec.dtype, "kv_dtype": None,
+                        "head_dim": spec.head_dim, "max_group": spec.max_group, "block_size": block_size})
+        for kv in (None, *(kv for kv in kv_dtypes if kv)):
+            paged = make_cpu_paged_kernel(dataclasses.replace(spec, kv_dtype=kv), block_size)
+            funcs[paged.attrs["global_symbol"]] = paged
+            kernels.append({"name": paged.attrs["global_symbol"], "op": ATTENTION_OP, "form": PAGED,
+                            "dtype": spec.dtype, "kv_dtype": kv, "head_dim": spec.head_dim,
+                            "max_group": spec.max_group, "block_size": block_size})
     for gspec in GEMV_SPECS:
         name = gspec.name + "_cpu"
         funcs[name] = rule_kernel(make_gemv(gspec.dtype), target, name, rule)
@@ -304,8 +314,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--head-dims", default=",".join(map(str, HEAD_DIMS)))
     ap.add_argument("--max-groups", default=",".join(map(str, MAX_GROUPS)),
                     help="kernels per GQA bound: 8 serves Hq/Hkv <= 8, 16 serves up to 16")
+    ap.add_argument("--kv-dtypes", default=",".join(KV_DTYPES),
+                    help=f"fp8 cache dtypes to build paged kernels for (comma-separated from {KV_DTYPES}, or "
+                         f"'none'; CUDA only on {FP8_ARCHS})")
     ap.add_argument("--records", default=None, help="schedule records JSON (default schedules/<arch>.json)")
     args = ap.parse_args(argv)
+    kv_dtypes = [] if args.kv_dtypes in ("", "none") else args.kv_dtypes.split(",")
+    bad = [kv for kv in kv_dtypes if kv not in KV_DTYPES]
+    if bad:
+        ap.error(f"--kv-dtypes: expected names from {KV_DTYPES} or 'none', got {bad}")
     try:
         specs = attention_specs(args.dtypes.split(","), [int(x) for x in args.head_dims.split(",")],
                                 [int(x) for x in args.max_groups.split(",")])
@@ -314,9 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or os.path.join("build", args.arch)
     try:
         if args.arch == "cpu":
-            build_cpu(out, specs)
+            build_cpu(out, specs, kv_dtypes=kv_dtypes)
         else:
-            build_cuda(args.arch, out, specs, args.records)
+            build_cuda(args.arch, out, specs, args.records, kv_dtypes=kv_dtypes)
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

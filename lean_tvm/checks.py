@@ -11,6 +11,8 @@ import torch
 from .spec import HEAD_DIMS, LAYOUTS, MAX_GROUPS
 
 DTYPES = (torch.float16, torch.bfloat16)
+# fp8 caches (the stored value times its scale is the real K/V) and their kernels' ``kv_dtype``.
+FP8_DTYPES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
 CHECK_ENV = "LEAN_TVM_CHECK"  # "1": check every call's lengths, even those on the GPU (debugging)
 
 
@@ -87,12 +89,16 @@ def check_qkv(q, k_cache, v_cache, layout: str, max_q_len: int):
     for t, name in ((q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache")):
         check_tensor(t, name)
     if q.dtype not in DTYPES:
-        fail(TypeError, "q.dtype", "float16 or bfloat16", q.dtype)
+        fail(TypeError, "q.dtype", "float16 or bfloat16 (with an fp8 cache too: q and the output stay 16-bit)",
+             q.dtype)
     for t, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
-        if t.dtype != q.dtype:
-            fail(TypeError, f"{name}.dtype", f"{q.dtype} like q", t.dtype)
+        if t.dtype != q.dtype and t.dtype not in FP8_DTYPES:
+            fail(TypeError, f"{name}.dtype", f"{q.dtype} like q, or float8_e4m3fn/float8_e5m2 (an fp8 cache)",
+                 t.dtype)
         if t.device != q.device:
             fail(ValueError, f"{name}.device", f"{q.device} like q", t.device)
+    if v_cache.dtype != k_cache.dtype:
+        fail(TypeError, "v_cache.dtype", f"{k_cache.dtype} like k_cache", v_cache.dtype)
     if q.device.type not in ("cuda", "cpu"):
         fail(ValueError, "q.device", "a CUDA or CPU tensor", q.device)
     if q.dim() == 3:
@@ -131,3 +137,40 @@ def check_out(out, want: tuple, q) -> None:
              f"{out.dtype} {tuple(out.shape)} on {out.device}")
     if not out.is_contiguous():
         fail(ValueError, "out", "a contiguous tensor", f"strides {out.stride()}")
+
+
+def check_kv_scale(scale, arg: str, hkv: int, device: torch.device, fp8: bool) -> None:
+    """An fp8 cache's scale: None (1), a float (per tensor) or an fp32 [Hkv] tensor on q's device
+    (per KV head, any stride). A float must be finite and > 0; a tensor's values are checked by
+    :func:`check_scale_values` (when the caller may read them)."""
+    if scale is None:
+        return
+    if not fp8:
+        fail(ValueError, arg, "None with a 16-bit cache (scales belong to fp8 caches)", type(scale).__name__)
+    if isinstance(scale, torch.Tensor):
+        check_tensor(scale, arg)
+        if scale.dtype != torch.float32:
+            fail(TypeError, f"{arg}.dtype", "torch.float32", scale.dtype)
+        if scale.device != device:
+            fail(ValueError, f"{arg}.device", f"{device} like q", scale.device)
+        if scale.shape != (hkv,):
+            fail(ValueError, f"{arg}.shape", f"[{hkv}] (one scale per KV head)", tuple(scale.shape))
+    elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        checked_kv_scale(scale, arg)
+    else:
+        fail(TypeError, arg, "a float or an fp32 tensor [Hkv]", type(scale).__name__)
+
+
+def checked_kv_scale(scale: float, arg: str) -> float:
+    if not (math.isfinite(scale) and scale > 0):
+        fail(ValueError, arg, "a finite scale > 0", scale)
+    return float(scale)
+
+
+def check_scale_values(scale: torch.Tensor, arg: str) -> None:
+    """Every value of a scale tensor finite and > 0: a device-to-host copy for a GPU tensor (the
+    caller asked for it), skipped while capturing or compiling."""
+    if capturing(scale.device) or torch.compiler.is_compiling():
+        return
+    if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        fail(ValueError, arg, "finite scales > 0", scale.tolist())

@@ -52,6 +52,17 @@ def gather_pages(pool, block_table, seq_lens, layout: str = "blhd"):
     return out
 
 
+def dequantize(cache, scale=None, layout: str = "bhld"):
+    """An fp8 cache's real values in float64: each stored value times its KV head's scale (None: 1,
+    a float, or a [Hkv] tensor). ``layout`` says where the KV heads are: dim 1 (``"bhld"``, also
+    [P, Hkv, page, D] pools) or dim 2 (``"blhd"``, also [P, page, Hkv, D] pools)."""
+    x = cache.double()
+    if isinstance(scale, torch.Tensor):
+        shape = (1, -1, 1, 1) if layout == "bhld" else (1, 1, -1, 1)
+        return x * scale.double().to(x.device).view(shape)
+    return x * (1.0 if scale is None else float(scale))
+
+
 def gemv_reference(w, x):
     """y = W x in float64. w [N, K], x [K]."""
     return w.double() @ x.double()

@@ -65,6 +65,7 @@ class KernelInfo:
     tile_cost: int = 0  # stream-K shares equal in cost (plan.stream_k_edges)
     form: str = DENSE  # DENSE: [B, Hkv, L, D] caches, one token; PAGED: block tables, Sq tokens, leftpad
     batch: bool = False  # the batch variant (schedule_records.py): for launches of many tiles
+    kv_dtype: str | None = None  # an fp8 cache's dtype (spec.KV_DTYPES); None: K/V in ``dtype``
 
 
 class Library:
@@ -82,19 +83,19 @@ class Library:
         self.kernels = [
             KernelInfo(k["name"], k["dtype"], k["head_dim"], k["max_group"], k["block_size"],
                        k.get("knobs", {}).get("ctas_per_sm", 1), k.get("knobs", {}).get("tile_cost", 0),
-                       k.get("form", DENSE), k.get("variant") == "batch")
+                       k.get("form", DENSE), k.get("variant") == "batch", k.get("kv_dtype"))
             for k in self.manifest["kernels"] if k["op"] == ATTENTION_OP
         ]
         self.gemv = {k["dtype"]: k["name"] for k in self.manifest["kernels"] if k["op"] == GEMV_OP}
         self._functions = {}
 
     def attention_kernel(self, dtype: str, head_dim: int, group: int, tiles: int = 1,
-                         form: str = DENSE) -> KernelInfo | None:
+                         form: str = DENSE, kv_dtype: str | None = None) -> KernelInfo | None:
         """The smallest group that serves ``group`` query rows per tile; for a launch of ``tiles``
         >= ``plan.BATCH_VARIANT_TILES`` tiles its batch variant when the library has one, else the
-        plain kernel. ``form``: DENSE or PAGED."""
+        plain kernel. ``form``: DENSE or PAGED; ``kv_dtype``: an fp8 cache's dtype (paged form)."""
         fits = [k for k in self.kernels if k.dtype == dtype and k.head_dim == head_dim and k.max_group >= group
-                and k.form == form]
+                and k.form == form and k.kv_dtype == kv_dtype]
         if not fits:
             return None
         smallest = min(k.max_group for k in fits)
@@ -107,7 +108,8 @@ class Library:
         return self._functions[name]
 
     def supported(self) -> str:
-        return ", ".join(sorted({f"{k.dtype}/D{k.head_dim}/G<={k.max_group}/{k.form}" for k in self.kernels}))
+        return ", ".join(sorted({f"{k.dtype}/D{k.head_dim}/G<={k.max_group}/{k.form}"
+                                 + (f"/{k.kv_dtype} cache" if k.kv_dtype else "") for k in self.kernels}))
 
 
 _LIBRARIES: dict[str, Library] = {}
@@ -271,15 +273,17 @@ def _prepare_attention(q, hkv: int, num_splits: int, num_ctas: int | None, kerne
     return lib.function(info.name), workers, grid, ((info.max_group, head_dim), (2, info.max_group))
 
 
-def paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None = None) -> Callable:
-    """``launch(q, k, v, block_table, seq_lens, leftpad, out, lse, scale, page_size_log2)`` of the
-    paged kernel for q4 [B, Sq, Hq, D]'s device, dtype and shape, ``hkv`` KV heads and a cache of
-    ``cache_len`` rows per sequence (pages x page size; a dense cache's length): resolved once per
-    shape like :func:`attention_launcher`. The pools are [P, Hkv, page, D] views."""
-    key = (q4.device, q4.dtype, q4.shape, hkv, cache_len, num_ctas, PAGED)
+def paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None = None, kv_dtype: str | None = None) -> Callable:
+    """``launch(q, k, v, block_table, seq_lens, leftpad, out, lse, scale, page_size_log2, k_scale=None,
+    v_scale=None)`` of the paged kernel for q4 [B, Sq, Hq, D]'s device, dtype and shape, ``hkv`` KV
+    heads and a cache of ``cache_len`` rows per sequence (pages x page size; a dense cache's
+    length): resolved once per shape like :func:`attention_launcher`. The pools are [P, Hkv, page,
+    D] views; with ``kv_dtype`` (an fp8 cache) they are passed as bytes (``torch.uint8`` views) and
+    k_scale, v_scale are fp32 [Hkv] tensors (any stride)."""
+    key = (q4.device, q4.dtype, q4.shape, hkv, cache_len, num_ctas, PAGED, kv_dtype)
     launch = _LAUNCHES.get(key)
     if launch is None:
-        launch = _LAUNCHES[key] = _make_paged_launcher(q4, hkv, cache_len, num_ctas)
+        launch = _LAUNCHES[key] = _make_paged_launcher(q4, hkv, cache_len, num_ctas, kv_dtype)
     return launch
 
 
@@ -290,16 +294,18 @@ def tile_rows(sq: int, group: int, max_group: int) -> tuple[int, int]:
     return rows, -(-sq * group // rows)
 
 
-def _make_paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None) -> Callable:
+def _make_paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None, kv_dtype: str | None) -> Callable:
     lib = library_for(q4.device)
     batch, sq, hq, head_dim = q4.shape
     dtype = str(q4.dtype).removeprefix("torch.")
-    groups = [k.max_group for k in lib.kernels if (k.dtype, k.head_dim, k.form) == (dtype, head_dim, PAGED)]
+    groups = [k.max_group for k in lib.kernels
+              if (k.dtype, k.head_dim, k.form, k.kv_dtype) == (dtype, head_dim, PAGED, kv_dtype)]
     group = min(sq * (hq // hkv), max(groups, default=0))
     tiles = batch * hkv * tile_rows(sq, hq // hkv, max(groups, default=1))[1]
-    info = lib.attention_kernel(dtype, head_dim, group, tiles, PAGED)
+    info = lib.attention_kernel(dtype, head_dim, group, tiles, PAGED, kv_dtype)
     if info is None:
-        raise ValueError(f"no paged kernel in {lib.path} for {q4.dtype}, head dim {head_dim} (it has: "
+        cache = f", a {kv_dtype} cache (fp8 kernels need sm_89 or newer)" if kv_dtype else ""
+        raise ValueError(f"no paged kernel in {lib.path} for {q4.dtype}, head dim {head_dim}{cache} (it has: "
                          f"{lib.supported()})")
     tiles = batch * hkv * tile_rows(sq, hq // hkv, info.max_group)[1]
     if num_ctas is None:
@@ -312,4 +318,10 @@ def _make_paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None) -> 
         fn(q, k, v, block_table, seq_lens, leftpad, out, lse, ws_o, ws_ml, flags, softmax_scale, cache_len,
            page_size_log2, workers, STREAM_K, grid)
 
-    return launch
+    def launch_fp8(q, k, v, block_table, seq_lens, leftpad, out, lse, softmax_scale: float, page_size_log2: int,
+                   k_scale, v_scale) -> None:
+        ws_o, ws_ml, flags = WORKSPACE.get(device, workers, *shapes)
+        fn(q, k, v, block_table, seq_lens, leftpad, k_scale, v_scale, out, lse, ws_o, ws_ml, flags, softmax_scale,
+           cache_len, page_size_log2, workers, STREAM_K, grid)
+
+    return launch_fp8 if kv_dtype else launch

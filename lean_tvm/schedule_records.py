@@ -1,12 +1,13 @@
 """Tuned schedule knobs per GPU arch: ``schedules/<arch>.json``, read by the build and the tuner.
 
-A record names the kernel it is for (head_dim, max_group, optionally dtype) and its knobs. A
-kernel without a record gets the defaults, with the pipeline shortened until it fits the arch's
-shared memory. A record's optional ``batch_knobs`` and ``batch_tile_cost`` (> 0) add a second
-kernel, the batch variant, for launches of many tiles (``plan.BATCH_VARIANT_TILES``): its own
-knobs (e.g. two CTAs per SM, which overlap one CTA's tile switches with the other's streaming)
-and a stream-K plan that charges each tile that cost (``plan.stream_k_edges``). A few long
-tiles never need it, and their kernel stays free of the cost arithmetic.
+A record names the kernel it is for (head_dim, max_group, optionally dtype and kv_dtype) and its
+knobs. A kernel without a record gets the defaults, with the pipeline shortened until it fits the
+arch's shared memory; an fp8 kernel without one gets its 16-bit kernel's with twice the stages.
+A record's optional ``batch_knobs`` and ``batch_tile_cost`` (> 0) add a second kernel, the batch
+variant, for launches of many tiles (``plan.BATCH_VARIANT_TILES``): its own knobs (e.g. two CTAs
+per SM, which overlap one CTA's tile switches with the other's streaming) and a stream-K plan that
+charges each tile that cost (``plan.stream_k_edges``). A few long tiles never need it,
+and their kernel stays free of the cost arithmetic.
 """
 
 from __future__ import annotations
@@ -42,7 +43,16 @@ def load_records(arch: str, path: str | None = None) -> list[dict]:
 
 def _matches(record: dict, spec: AttentionSpec) -> bool:
     return (record.get("head_dim") == spec.head_dim and record.get("max_group") == spec.max_group
-            and record.get("dtype", spec.dtype) == spec.dtype)
+            and record.get("dtype", spec.dtype) == spec.dtype and record.get("kv_dtype") == spec.kv_dtype)
+
+
+def _fp8_from_16bit(knobs: GpuKnobs | None, spec: AttentionSpec, arch: str) -> GpuKnobs | None:
+    """An fp8 kernel without a record of its own: the 16-bit kernel's knobs with twice the
+    pipeline stages (the same bytes in flight: a stage holds half as many), if they fit."""
+    if knobs is None:
+        return None
+    doubled = dataclasses.replace(knobs, stages=2 * knobs.stages)
+    return doubled if fits(doubled, spec, arch) else knobs
 
 
 def fits(knobs: GpuKnobs, spec: AttentionSpec, arch: str) -> bool:
@@ -61,6 +71,8 @@ def knobs_for(records: list[dict], spec: AttentionSpec, arch: str) -> GpuKnobs:
             if not fits(knobs, spec, arch):
                 raise ValueError(f"schedule record for {spec.name} on {arch} does not fit shared memory: {knobs}")
             return knobs
+    if spec.kv_dtype:
+        return _fp8_from_16bit(knobs_for(records, dataclasses.replace(spec, kv_dtype=None), arch), spec, arch)
     for stages in (4, 3, 2):
         knobs = GpuKnobs(stages=stages)
         if fits(knobs, spec, arch):
@@ -80,11 +92,15 @@ def batch_knobs(records: list[dict], spec: AttentionSpec, arch: str) -> GpuKnobs
             if not fits(knobs, spec, arch):
                 raise ValueError(f"batch knobs for {spec.name} on {arch} do not fit shared memory: {knobs}")
             return knobs
+    if spec.kv_dtype:
+        return _fp8_from_16bit(batch_knobs(records, dataclasses.replace(spec, kv_dtype=None), arch), spec, arch)
     return None
 
 
 def batch_tile_cost(records: list[dict], spec: AttentionSpec) -> int:
     """The tile cost of ``spec``'s batch variant, 0 for none."""
+    if spec.kv_dtype and not any(_matches(r, spec) for r in records):
+        return batch_tile_cost(records, dataclasses.replace(spec, kv_dtype=None))
     cost = next((r.get("batch_tile_cost", 0) for r in records if _matches(r, spec)), 0)
     if not isinstance(cost, int) or cost < 0:
         raise ValueError(f"schedule record for {spec.name}: batch_tile_cost must be an int >= 0, got {cost!r}")
@@ -96,7 +112,7 @@ def merge_records(new: list[dict], old: list[dict]) -> list[dict]:
     knobs but does not measure the tile cost: it comes from an A/B, NOTES.md), then the ``old``
     records of kernels ``new`` does not cover (a tuning run of some head dims keeps the others)."""
     def family(r):
-        return r.get("head_dim"), r.get("max_group"), r.get("dtype")
+        return r.get("head_dim"), r.get("max_group"), r.get("dtype"), r.get("kv_dtype")
 
     out = []
     for r in new:
@@ -108,6 +124,6 @@ def merge_records(new: list[dict], old: list[dict]) -> list[dict]:
 
 def record(spec: AttentionSpec, knobs: GpuKnobs, any_dtype: bool = False, **measured) -> dict:
     """A record for ``spec``; with ``any_dtype`` it serves every dtype of that head dim and group."""
-    head = {} if any_dtype else {"dtype": spec.dtype}
+    head = ({} if any_dtype else {"dtype": spec.dtype}) | ({"kv_dtype": spec.kv_dtype} if spec.kv_dtype else {})
     return {**head, "head_dim": spec.head_dim, "max_group": spec.max_group, "knobs": dataclasses.asdict(knobs),
             **measured}

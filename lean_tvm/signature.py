@@ -82,3 +82,9 @@ GEMV_PARAMS = (handles("w", "x", "k_len", "y", "ws", "flags")
 PAGED_PARAMS = (handles("q", "k", "v", "block_table", "seq_lens", "leftpad", "o", "lse", "ws_o", "ws_ml", "flags")
                 + scalars(softmax_scale="float32", cache_len="int32", page_size_log2="int32", num_workers="int32",
                           num_splits="int32", grid="int32"))
+# The paged form over an fp8 cache: the per-KV-head scales (fp32 [Hkv], any stride) after the
+# start rows; the stored value times its head's scale is the real K/V.
+PAGED_FP8_PARAMS = (handles("q", "k", "v", "block_table", "seq_lens", "leftpad", "k_scale", "v_scale", "o", "lse",
+                            "ws_o", "ws_ml", "flags")
+                    + scalars(softmax_scale="float32", cache_len="int32", page_size_log2="int32", num_workers="int32",
+                              num_splits="int32", grid="int32"))

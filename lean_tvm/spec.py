@@ -9,6 +9,9 @@ DTYPES = ("float16", "bfloat16")
 LAYOUTS = ("bhld", "blhd")  # a KV cache as [B, Hkv, L, D] (SDPA, TVM) or [B, L, Hkv, D] (flash-attn, vLLM)
 HEAD_DIMS = (64, 128, 256)
 MAX_GROUPS = (8, 16)
+# fp8 KV caches (the stored value times its scale is the real K/V); q and the output stay 16-bit.
+KV_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+KV_TAGS = {"float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}
 GEMV_ROWS = 16  # output rows per tile of the split-K GEMV
 # Phases the debug build stamps with %globaltimer (thread 0 of each CTA; later pieces overwrite).
 TRACE_EVENTS = ("start", "planned", "tile_begun", "prefetch_issued", "first_step_done", "piece_end",
@@ -37,6 +40,7 @@ class AttentionSpec:
     dtype: str
     head_dim: int
     max_group: int = 8  # serves every G = Hq / Hkv up to this (8: one mma N tile, 16: two)
+    kv_dtype: str | None = None  # None: K/V in ``dtype``; one of KV_DTYPES: an fp8 cache with scales
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -45,10 +49,23 @@ class AttentionSpec:
             raise ValueError(f"head_dim: expected one of {HEAD_DIMS}, got {self.head_dim}")
         if self.max_group not in MAX_GROUPS:
             raise ValueError(f"max_group: expected one of {MAX_GROUPS}, got {self.max_group}")
+        if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype: expected None or one of {KV_DTYPES}, got {self.kv_dtype!r}")
 
     @property
     def name(self) -> str:
-        return f"lean_attention_{self.dtype}_d{self.head_dim}_g{self.max_group}"
+        kv = f"_kv_{KV_TAGS[self.kv_dtype]}" if self.kv_dtype else ""
+        return f"lean_attention_{self.dtype}_d{self.head_dim}_g{self.max_group}{kv}"
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes per stored K/V element."""
+        return 1 if self.kv_dtype else 2
+
+    @property
+    def mma_dtype(self) -> str:
+        """The tensor-core operand type: fp8 K/V widen to fp16 (exactly), whatever q's dtype."""
+        return "float16" if self.kv_dtype else self.dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +94,7 @@ class GpuKnobs:
 
     def ring_bytes(self, spec: AttentionSpec) -> int:
         """Dynamic shared memory: the K and V stages of every warp, then the warps' fp32 states."""
-        ring = self.num_warps * self.stages * 2 * self.rows_per_warp * spec.head_dim * 2
+        ring = self.num_warps * self.stages * 2 * self.rows_per_warp * spec.head_dim * spec.kv_bytes
         return ring + self.num_warps * spec.max_group * spec.head_dim * 4
 
     def static_smem_bytes(self, spec: AttentionSpec) -> int:

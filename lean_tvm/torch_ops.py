@@ -21,6 +21,7 @@ import torch
 
 from . import paged_ops, runtime
 from .checks import (
+    FP8_DTYPES,
     check_int_vector,
     check_out,
     check_qkv,
@@ -167,7 +168,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      cache_seqlens: torch.Tensor | None = None, *, block_table: torch.Tensor | None = None,
                      cache_leftpad: torch.Tensor | None = None, softmax_scale: float | None = None,
                      return_lse: bool = False, out: torch.Tensor | None = None, layout: str = "bhld",
-                     check_lengths: bool | None = None):
+                     check_lengths: bool | None = None, k_scale: float | torch.Tensor | None = None,
+                     v_scale: float | torch.Tensor | None = None):
     """Decode attention of the new token(s) of every sequence over its KV cache (LeanAttention).
 
     q: [B, Hq, D], or [B, Sq, Hq, D] with Sq new tokens per sequence (1 <= Sq <= 16; they are
@@ -182,6 +184,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
       combined tensor allowed; block_table int32 [B, max_pages]: row b lists sequence b's pages in
       order (shared pages allowed, entries past its last page never read); page a power of two.
 
+    fp8 caches: k_cache, v_cache of dtype ``torch.float8_e4m3fn`` or ``torch.float8_e5m2`` (dense or
+    paged, the same shapes), the real K/V being the stored value times ``k_scale`` / ``v_scale``: a
+    float (per tensor, default 1) or an fp32 tensor [Hkv] on q's device (per KV head). q and the
+    output stay fp16/bf16; scores and sums are fp32 (bf16 queries meet fp8 K in fp16: exact for
+    |q| in [2^-14, 65504]). Scales belong to fp8 caches only.
+
     cache_seqlens: int32 [B] valid lengths, new tokens included (default: the whole dense cache;
     required with a block table), 0 allowed. cache_leftpad (dense only): int32 [B] first valid row
     of each sequence, rows [cache_leftpad[b], cache_seqlens[b]) are attended.
@@ -194,11 +202,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     launch. The default (None) checks lengths that are on the CPU and never waits for the GPU (set
     ``LEAN_TVM_CHECK=1`` to check GPU lengths too, when debugging); True always checks (a
     device-to-host copy, skipped during CUDA graph capture), False never. Unchecked lengths are
-    clamped into the cache by the kernel, which never reads past it.
+    clamped into the cache by the kernel, which never reads past it. Scale tensors' values
+    (finite, > 0) are checked under the same rule; a float scale always is.
     """
-    if block_table is not None or cache_leftpad is not None or _several_tokens(q):
+    if (block_table is not None or cache_leftpad is not None or _several_tokens(q) or k_scale is not None
+            or v_scale is not None or getattr(k_cache, "dtype", None) in FP8_DTYPES):
         return paged_ops.decode_attention_paged(q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad,
-                                                softmax_scale, return_lse, out, layout, check_lengths)
+                                                softmax_scale, return_lse, out, layout, check_lengths, k_scale,
+                                                v_scale)
     if torch.compiler.is_compiling():
         return _traced(q, k_cache, v_cache, cache_seqlens, softmax_scale, return_lse, out, layout, check_lengths)
     # Eager: the cached checks, the views check_inputs takes, one allocation (two with return_lse)

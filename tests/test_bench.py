@@ -445,6 +445,30 @@ def test_serving_rows_end_to_end_with_fakes(monkeypatch, tmp_path):
         assert by["lean"]["move_bytes"] == shape.move_bytes
 
 
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="torch without fp8")
+def test_fp8_rows_end_to_end_on_the_cpu_library(monkeypatch, tmp_path):
+    """fp8 rows: lean reads the e4m3 cache with its scales, lean-16bit the same values in 16 bits
+    (both the real CPU library, checked against the reference), the bytes are the fp8 ones, and
+    the systems that take no fp8 cache say so."""
+    pytest.importorskip("tvm")
+    monkeypatch.setattr(suite, "Timer", FakeTimer)
+    monkeypatch.setattr(suite, "BenchLibrary", lambda folder: FakeBenchLib())
+    monkeypatch.setattr(suite, "graph_host_us", lambda timer, runner, us: 3.0)
+    monkeypatch.setenv("LEAN_TVM_FA3", str(tmp_path))
+    b = suite.Bench(torch.device("cpu"), report.SYSTEMS, reps=2, rounds=1, seed=0)
+    dense = G.quantized(G.uniform(2, 300, 8, 2, 64))
+    assert dense.kv_bytes * 2 == G.uniform(2, 300, 8, 2, 64).kv_bytes and dense.serving
+    for shape in (dense, G.served(G.quantized(G.ragged("t", [260, 37, 1], hq=8, hkv=2, d=64)), 16)):
+        by = {r["system"]: r for r in b.run_shape(shape)}
+        for lean in ("lean", "lean-16bit"):
+            assert by[lean]["ok"] is True and by[lean]["rel_err"] < 1e-2, (shape.name, lean, by[lean]["note"])
+        assert by["lean"]["kv_bytes"] == shape.kv_bytes
+        for dense_only in ("lean-blhd", "lean-nosplit", "lean-fixedsplit"):
+            assert "dense one-token rows" in by[dense_only]["note"]
+        assert "no fp8 cache" in by["cudnn"]["note"] and "no fp8 cache" in by[report.TVM_TIR]["note"]
+        assert ("paged" in by["lean-dense"]["note"]) == (shape.page_size == 0)
+
+
 def test_page_pool_holds_the_dense_rows():
     shape = G.served(G.ragged("t", [100, 16, 1, 33], hq=8, hkv=2, d=64), 8)
     case = systems.make_case(shape, torch.device("cpu"), seed=0)

@@ -16,7 +16,7 @@ LAYERS = [
     ["lean_tvm.spec", "lean_tvm.softmax", "lean_tvm.library", "lean_tvm.plan", "lean_tvm.reference",
      "lean_tvm.tir_expr"],
     ["lean_tvm.checks", "lean_tvm.merge", "lean_tvm.signature", "lean_tvm.tiles", "lean_tvm.streamk",
-     "lean_tvm.compute", "lean_tvm.schedule_records", "lean_tvm.streamk_analysis"],
+     "lean_tvm.compute", "lean_tvm.schedule_records", "lean_tvm.streamk_analysis", "lean_tvm.kv_fp8"],
     ["lean_tvm.attention_cpu", "lean_tvm.attention_gpu", "lean_tvm.gemv", "lean_tvm.codegen", "lean_tvm.runtime",
      "lean_tvm.ragged_sum"],
     ["lean_tvm.paged_ops", "lean_tvm.relax.op", "lean_tvm.streamk_rule"],
@@ -34,7 +34,7 @@ LAYERS = [
 RUN_HALF = {"lean_tvm", "lean_tvm.spec", "lean_tvm.softmax", "lean_tvm.library", "lean_tvm.plan",
             "lean_tvm.reference", "lean_tvm.merge", "lean_tvm.checks", "lean_tvm.runtime", "lean_tvm.paged_ops",
             "lean_tvm.torch_ops", "lean_tvm.distributed"}
-BUILD_HALF = {"lean_tvm.signature", "lean_tvm.tiles", "lean_tvm.streamk", "lean_tvm.compute",
+BUILD_HALF = {"lean_tvm.signature", "lean_tvm.tiles", "lean_tvm.kv_fp8", "lean_tvm.streamk", "lean_tvm.compute",
               "lean_tvm.schedule_records", "lean_tvm.attention_cpu", "lean_tvm.attention_gpu", "lean_tvm.gemv",
               "lean_tvm.codegen",
               "lean_tvm.build", "lean_tvm.relax", "lean_tvm.relax.op", "lean_tvm.relax.rewrite",

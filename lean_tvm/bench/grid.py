@@ -17,8 +17,9 @@ HEADS = ((32, 8), (64, 8), (32, 32), (8, 1))  # every context length and batch o
 ODD_HEADS = ((28, 4), (40, 8))  # GQA groups 7 and 5 (Qwen2-7B's 28/4, 40/8) on a subset
 KV_CAP_BYTES = 40e9
 PAGE_SIZE = 16  # the paged peers' page size
-ELEM_SIZE = {"float16": 2, "bfloat16": 2}
-SHORT_DTYPE = {"float16": "fp16", "bfloat16": "bf16"}
+ELEM_SIZE = {"float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
+SHORT_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}
+FP8_SCALES = (0.5, 2.0)  # the fp8 rows' k_scale, v_scale (powers of two: the dequantised values are exact in 16 bits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Shape:
     ragged: bool = False
     page_size: int = 0  # 0: a dense cache
     q_len: int = 1
+    kv_dtype: str | None = None  # an fp8 cache (K/V stored in it, scaled by FP8_SCALES); None: ``dtype``
 
     @property
     def batch(self) -> int:
@@ -50,16 +52,17 @@ class Shape:
 
     @property
     def kv_bytes(self) -> int:
-        return kv_bytes(self.lens, self.hkv, self.head_dim, ELEM_SIZE[self.dtype])
+        return kv_bytes(self.lens, self.hkv, self.head_dim, ELEM_SIZE[self.kv_dtype or self.dtype])
 
     @property
     def move_bytes(self) -> int:
-        return move_bytes(self.lens, self.hq, self.hkv, self.head_dim, ELEM_SIZE[self.dtype], self.q_len)
+        return move_bytes(self.lens, self.hq, self.hkv, self.head_dim, ELEM_SIZE[self.dtype], self.q_len,
+                          ELEM_SIZE[self.kv_dtype or self.dtype])
 
     @property
     def serving(self) -> bool:
-        """Paged or several tokens: the paged form's row (its own systems)."""
-        return self.page_size > 0 or self.q_len > 1
+        """Paged, several tokens or an fp8 cache: the paged form's row (its own systems)."""
+        return self.page_size > 0 or self.q_len > 1 or self.kv_dtype is not None
 
     @property
     def alloc_len(self) -> int:
@@ -74,9 +77,12 @@ def kv_bytes(lens: Iterable[int], hkv: int, head_dim: int, elem_size: int) -> in
     return 2 * sum(lens) * hkv * head_dim * elem_size
 
 
-def move_bytes(lens: Sequence[int], hq: int, hkv: int, head_dim: int, elem_size: int, q_len: int = 1) -> int:
-    """Bytes that must move: the K+V read, the query read and the output write."""
-    return kv_bytes(lens, hkv, head_dim, elem_size) + 2 * len(lens) * q_len * hq * head_dim * elem_size
+def move_bytes(lens: Sequence[int], hq: int, hkv: int, head_dim: int, elem_size: int, q_len: int = 1,
+               kv_elem_size: int | None = None) -> int:
+    """Bytes that must move: the K+V read (``kv_elem_size`` bytes an element: 1 for an fp8 cache),
+    the query read and the output write."""
+    return (kv_bytes(lens, hkv, head_dim, kv_elem_size or elem_size)
+            + 2 * len(lens) * q_len * hq * head_dim * elem_size)
 
 
 def fmt_len(n: int) -> str:
@@ -155,6 +161,21 @@ def serving_grid(cap_bytes: float = KV_CAP_BYTES, seed: int = 0) -> list[Shape]:
     shapes = [served(s, page) for page in (16, 1, 64) for s in base]
     tokens = [uniform(1, 16 * K, 32, 8), uniform(1, 64 * K, 32, 8), uniform(8, 8 * K, 32, 8), uniform(32, 4 * K, 32, 8)]
     shapes += [served(s, 16, q) for q in (2, 4, 8) for s in tokens]
+    return [s for s in shapes if s.kv_bytes <= cap_bytes]
+
+
+def quantized(shape: Shape, kv_dtype: str = "float8_e4m3fn") -> Shape:
+    """``shape`` over an fp8 cache (its name says which)."""
+    return dataclasses.replace(shape, name=f"{shape.name} kv-{SHORT_DTYPE[kv_dtype]}", kv_dtype=kv_dtype)
+
+
+def fp8_grid(cap_bytes: float = KV_CAP_BYTES, seed: int = 0) -> list[Shape]:
+    """The quick grid's shapes over an e4m3 cache, dense, and a subset in pages of 16 (the peers'
+    fp8 decode reads pages)."""
+    base = quick_grid(cap_bytes, seed)
+    paged = ("B1 32/8 D128 fp16 L64k", "B8 32/8 D128 fp16 L4k", "B32 32/8 D128 fp16 L2k",
+             "ragged 1x128k+15x1k-4k 32/8 D128 fp16")
+    shapes = [quantized(s) for s in base] + [served(quantized(s), 16) for s in base if s.name in paged]
     return [s for s in shapes if s.kv_bytes <= cap_bytes]
 
 

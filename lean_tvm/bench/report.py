@@ -16,7 +16,7 @@ from pathlib import Path
 from .grid import Shape
 
 STREAM = "stream"
-LEAN_SYSTEMS = ("lean", "lean-blhd", "lean-dense", "lean-nosplit", "lean-fixedsplit")
+LEAN_SYSTEMS = ("lean", "lean-blhd", "lean-dense", "lean-16bit", "lean-nosplit", "lean-fixedsplit")
 TVM_TIR = "tvm-tir"
 PEERS = ("cudnn", "flash", "flashinfer", "flashinfer-tc", "fa3", "fa3-best", TVM_TIR)
 SYSTEMS = LEAN_SYSTEMS + PEERS

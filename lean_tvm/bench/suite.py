@@ -3,6 +3,7 @@
     python -m lean_tvm.bench --quick                 # the quick grid, a few minutes
     python -m lean_tvm.bench --full --out DIR        # the whole grid (use --resume/--max-minutes)
     python -m lean_tvm.bench --serving               # paged caches and several tokens per sequence
+    python -m lean_tvm.bench --fp8                   # fp8 (e4m3) caches, dense and in pages of 16
     python -m lean_tvm.bench --list [--full]         # print the grid; needs no GPU
     python -m lean_tvm.bench --replot DIR            # rewrite results.md and plots from results.csv
 
@@ -19,6 +20,9 @@ Every system runs in this one process on the same K/V values (``systems.py``):
 * ``fa3``: FlashAttention-3 (vLLM's sm_90 build) with its own split heuristic, and ``fa3-best``:
   its best ``num_splits`` of 1..64 with pack_gqa off and on, on the [B, L, Hkv, D] copy;
 * ``tvm-tir``: TVM's own decode kernel (what its PagedKVCache runs) on the paged copy;
+* fp8 rows (``--fp8``): ``lean`` on the e4m3 cache with its scales, ``lean-16bit`` our kernel on
+  the same values dequantised to 16 bits, FlashInfer's decode with ``kv_data_type`` e4m3, and
+  FA3's fp8 path (which needs q in e4m3 too: checked with a looser tolerance);
 * ``stream``: the TIR streaming read of exactly the K+V bytes that must move, the yardstick.
 
 Every output is first checked against a reference (SDPA for uniform batches, float64 for ragged
@@ -51,7 +55,7 @@ import torch
 from lean_tvm import library, runtime
 
 from . import report
-from .grid import KV_CAP_BYTES, Shape, full_grid, quick_grid, select_shapes, serving_grid
+from .grid import KV_CAP_BYTES, Shape, fp8_grid, full_grid, quick_grid, select_shapes, serving_grid
 from .libraries import BenchLibrary
 from .report import STREAM, SYSTEMS, TVM_TIR, finite, shape_row
 from .systems import (
@@ -204,6 +208,8 @@ class Bench:
         shape's own pool (else the same copy). A paged peer that cannot run says so before any copy."""
         if system not in PAGED_PEERS:
             return None
+        if system == TVM_TIR and case.kv8 is not None:
+            raise Unsupported("TVM's decode kernel takes no fp8 cache")
         error = (self.tvm_peer if system == TVM_TIR else self.fi).error
         if error:
             raise Unsupported(error)
@@ -215,14 +221,17 @@ class Bench:
     def runner(self, system: str, case: Case, paged: PagedCache | None) -> Runner:
         """One call of ``system`` on ``case`` (``paged``: from :meth:`paged_for`); the sweeps
         (``lean-fixedsplit``, ``fa3-best``) are :meth:`_prepare`'s."""
-        serving = case.shape.serving
-        if system in DENSE_ONLY and serving:
+        s = case.shape
+        if system in DENSE_ONLY and s.serving:
             raise Unsupported(f"{system} runs the dense one-token rows (the lean row is the paged form here)")
-        if system == "lean-dense" and not serving:
+        if system == "lean-dense" and not (s.page_size or s.q_len > 1):
             raise Unsupported("lean-dense runs the paged and several-token rows (the lean row is it here)")
-        if system in ("lean", "lean-blhd", "lean-dense"):
-            paged = system == "lean" and case.pool is not None
-            return lean_runner(case, "blhd" if system == "lean-blhd" else "bhld", paged=paged)
+        if system == "lean-16bit" and not s.kv_dtype:
+            raise Unsupported("lean-16bit runs the fp8 rows (our kernel on their dequantised values)")
+        if system in ("lean", "lean-blhd", "lean-dense", "lean-16bit"):
+            paged = system in ("lean", "lean-16bit") and case.pool is not None
+            return lean_runner(case, "blhd" if system == "lean-blhd" else "bhld", paged=paged,
+                               bits16=system == "lean-16bit")
         if system == "lean-nosplit":
             return lean_split_runner(case, 1)
         if system in SDPA_SYSTEMS:
@@ -251,6 +260,8 @@ class Bench:
         if system == "fa3-best":
             if self.fa3.error:
                 raise Unsupported(self.fa3.error)
+            if case.kv8 is not None:
+                raise Unsupported("fa3-best runs the 16-bit rows (the fa3 row is its fp8 path here)")
             candidates = {f"S={S}{' pack_gqa' if pack else ''}": lambda S=S, pack=pack: fa3_runner(case, self.fa3, S,
                                                                                                      pack)
                           for S in FA3_SPLITS for pack in (False, True)}
@@ -417,6 +428,7 @@ def parse_args(argv: Sequence[str] | None = None):
     mode.add_argument("--quick", action="store_true", help="the quick grid, a few minutes (the default)")
     mode.add_argument("--full", action="store_true", help="the whole grid (~160 shapes)")
     mode.add_argument("--serving", action="store_true", help="paged caches (pages of 1/16/64) and Sq = 2/4/8 tokens")
+    mode.add_argument("--fp8", action="store_true", help="fp8 (e4m3) caches: the quick shapes, dense and paged")
     p.add_argument("--only", help=f"comma-separated systems (default all): {','.join(SYSTEMS)}")
     p.add_argument("--shapes", help="regex: only shapes whose name matches, e.g. 'B1 32/8 D128 fp16'")
     p.add_argument("--out", help="output folder (default results/<gpu>/quick or full in the repository)")
@@ -446,8 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         (out / "results.md").write_text(report.markdown(rows, meta))
         print("\n".join(str(p) for p in [out / "results.md", *report.write_plots(rows, out)]))
         return 0
-    which = "full" if args.full else "serving" if args.serving else "quick"
-    grid = {"full": full_grid, "serving": serving_grid, "quick": quick_grid}[which](args.cap_gb * 1e9, args.seed)
+    which = "full" if args.full else "serving" if args.serving else "fp8" if args.fp8 else "quick"
+    grid = {"full": full_grid, "serving": serving_grid, "fp8": fp8_grid, "quick": quick_grid}[which](
+        args.cap_gb * 1e9, args.seed)
     shapes = select_shapes(grid, args.shapes)
     if args.list:
         for s in shapes:

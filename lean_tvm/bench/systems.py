@@ -27,7 +27,7 @@ from lean_tvm import runtime
 from lean_tvm.reference import decode_attention_reference
 from lean_tvm.softmax import lse_natural_from_tvm
 
-from .grid import ELEM_SIZE, PAGE_SIZE, M, Shape
+from .grid import ELEM_SIZE, FP8_SCALES, PAGE_SIZE, M, Shape
 from .libraries import BenchLibrary
 
 SPLITS = (2, 4, 8, 16, 32, 64, 128)  # lean-fixedsplit's sweep
@@ -51,6 +51,9 @@ class Case:
     kv_blhd: torch.Tensor | None = None  # [2, B, Lalloc, Hkv, D], made on first use (blhd)
     pool: torch.Tensor | None = None  # paged shapes: K and V pages [2, P, page, Hkv, D] (NHD), shuffled
     table: torch.Tensor | None = None  # int32 [B, max_pages]: sequence b's pages of ``pool``
+    # fp8 shapes: the stored cache (``kv`` and ``pool`` then hold its dequantised 16-bit values)
+    kv8: torch.Tensor | None = None
+    pool8: torch.Tensor | None = None
 
     @property
     def k(self) -> torch.Tensor:
@@ -69,16 +72,26 @@ class Case:
 
 def make_case(shape: Shape, device: torch.device, seed: int) -> Case:
     """Random K/V (dense), q ([B, Hq, D], or [B, Sq, Hq, D] with several tokens) and, for a paged
-    shape, the same K/V rows in shuffled pages of a pool."""
+    shape, the same K/V rows in shuffled pages of a pool. An fp8 shape stores K/V in its cache
+    dtype (``kv8``, ``pool8``) and keeps their real values, stored x ``FP8_SCALES``, in ``kv``
+    and ``pool`` (exact in 16 bits): every system sees the same numbers."""
     dt = getattr(torch, shape.dtype)
     g = torch.Generator(device=device).manual_seed(seed)
     kv = torch.randn(2, shape.batch, shape.hkv, shape.alloc_len, shape.head_dim, device=device, dtype=dt, generator=g)
+    kv8 = None
+    if shape.kv_dtype:
+        kv8 = kv.to(getattr(torch, shape.kv_dtype))
+        kv = kv8.to(dt)
+        kv[0] *= FP8_SCALES[0]
+        kv[1] *= FP8_SCALES[1]
     tokens = (shape.q_len,) if shape.q_len > 1 else ()
     q = torch.randn(shape.batch, *tokens, shape.hq, shape.head_dim, device=device, dtype=dt, generator=g)
     seq_lens = torch.tensor(shape.lens, dtype=torch.int32, device=device)
-    case = Case(shape, q, kv, seq_lens, 1.0 / math.sqrt(shape.head_dim))
+    case = Case(shape, q, kv, seq_lens, 1.0 / math.sqrt(shape.head_dim), kv8=kv8)
     if shape.page_size:
         case.pool, case.table = page_pool(kv, shape.lens, shape.page_size, seed)
+        if kv8 is not None:
+            case.pool8, _ = page_pool(kv8, shape.lens, shape.page_size, seed)
     return case
 
 
@@ -172,23 +185,33 @@ class Runner:
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     extra: dict = dataclasses.field(default_factory=dict)
     lse: Callable[[], torch.Tensor] | None = None  # natural-log [B, Hq] after fn(); checked when given
+    tolerance: float | None = None  # the check's, where the system rounds its inputs further (fp8 q)
 
 
-def lean_runner(case: Case, layout: str = "bhld", paged: bool = False) -> Runner:
+def lean_runner(case: Case, layout: str = "bhld", paged: bool = False, bits16: bool = False) -> Runner:
     """``lean_tvm.decode_attention`` as a user calls it (its default: no host synchronisation),
-    on the [B, Hkv, L, D] cache, on its [B, L, Hkv, D] copy, or (``paged``) on the page pool."""
+    on the [B, Hkv, L, D] cache, on its [B, L, Hkv, D] copy, or (``paged``) on the page pool; an
+    fp8 shape's cache with its scales, or (``bits16``) its dequantised 16-bit values."""
     out = torch.empty_like(case.q)
+    fp8 = case.kv8 is not None and not bits16
+    scales = dict(k_scale=FP8_SCALES[0], v_scale=FP8_SCALES[1]) if fp8 else {}
     if paged:
-        table = case.table
+        table, pool = case.table, case.pool8 if fp8 else case.pool
 
         def fn():
-            lean_tvm.decode_attention(case.q, case.pool[0], case.pool[1], case.seq_lens, block_table=table,
-                                      softmax_scale=case.scale, out=out, layout="blhd")
+            lean_tvm.decode_attention(case.q, pool[0], pool[1], case.seq_lens, block_table=table,
+                                      softmax_scale=case.scale, out=out, layout="blhd", **scales)
     else:
-        k, v = (case.k, case.v) if layout == "bhld" else case.blhd()
+        if fp8:
+            if layout != "bhld":
+                raise Unsupported("the fp8 rows time the [B, Hkv, L, D] cache")
+            k, v = case.kv8[0], case.kv8[1]
+        else:
+            k, v = (case.k, case.v) if layout == "bhld" else case.blhd()
 
         def fn():
-            lean_tvm.decode_attention(case.q, k, v, case.seq_lens, softmax_scale=case.scale, out=out, layout=layout)
+            lean_tvm.decode_attention(case.q, k, v, case.seq_lens, softmax_scale=case.scale, out=out, layout=layout,
+                                      **scales)
 
     return Runner(fn, lambda: out)
 
@@ -227,6 +250,8 @@ def sdpa_runner(case: Case, system: str) -> Runner:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
+    if case.kv8 is not None:
+        raise Unsupported("SDPA takes no fp8 cache")
     backend = getattr(SDPBackend, SDPA_BACKENDS[system])
     sq = case.shape.q_len
     q4 = case.q[:, :, None] if sq == 1 else case.q.transpose(1, 2)
@@ -337,26 +362,29 @@ def paged_cache(case: Case) -> PagedCache:
     into 16-row pages (HND), once, outside timing: same values, one copy for every paged peer."""
     s = case.shape
     i32 = dict(dtype=torch.int32)
-    if case.pool is not None:
+    kv, pool = (case.kv, case.pool) if case.kv8 is None else (case.kv8, case.pool8)  # fp8: the stored cache
+    if pool is not None:
         indptr, last = page_table(s.lens, s.page_size)
         rows = [case.table[b, :indptr[b + 1] - indptr[b]] for b in range(s.batch)]
-        return PagedCache((case.pool[0], case.pool[1]), "NHD", s.page_size, torch.tensor(indptr, **i32),
+        return PagedCache((pool[0], pool[1]), "NHD", s.page_size, torch.tensor(indptr, **i32),
                           torch.cat(rows).contiguous(), torch.tensor(last, **i32))
     indptr, last = page_table(s.lens)
-    need = 2 * indptr[-1] * s.hkv * PAGE_SIZE * s.head_dim * ELEM_SIZE[s.dtype]
+    need = 2 * indptr[-1] * s.hkv * PAGE_SIZE * s.head_dim * ELEM_SIZE[s.kv_dtype or s.dtype]
     if case.q.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(case.q.device)
         if need > free - 512 * M:
             raise Unsupported(f"paged copy of {need / 1e9:.1f} GB does not fit ({free / 1e9:.1f} GB free)")
-    return PagedCache(copy_into_pages(case.kv, indptr), "HND", PAGE_SIZE, torch.tensor(indptr, **i32),
+    return PagedCache(copy_into_pages(kv, indptr), "HND", PAGE_SIZE, torch.tensor(indptr, **i32),
                       torch.arange(indptr[-1], device=case.q.device, **i32), torch.tensor(last, **i32))
 
 
 def flashinfer_runner(case: Case, fi: FlashInfer, paged: PagedCache, tensor_cores: bool) -> Runner:
     """FlashInfer on its paged cache: its decode wrapper for one token, its paged prefill wrapper
-    (causal, bottom-right aligned) for several."""
+    (causal, bottom-right aligned) for several; an fp8 cache with its scales (q stays 16-bit)."""
     s = case.shape
     sq = s.q_len
+    kv_dtype = getattr(torch, s.kv_dtype) if s.kv_dtype else case.q.dtype
+    scales = dict(k_scale=FP8_SCALES[0], v_scale=FP8_SCALES[1]) if s.kv_dtype else {}
     if sq > 1 and tensor_cores:
         raise Unsupported("several tokens run FlashInfer's prefill wrapper: see the flashinfer column")
     kind = "prefill" if sq > 1 else ("decode-tc" if tensor_cores else "decode")
@@ -368,16 +396,16 @@ def flashinfer_runner(case: Case, fi: FlashInfer, paged: PagedCache, tensor_core
             qo_indptr = torch.arange(0, (s.batch + 1) * sq, sq, dtype=torch.int32)
             w.plan(qo_indptr, paged.indptr, paged.indices, paged.last_page_len, s.hq, s.hkv, s.head_dim,
                    paged.page_size, causal=True, pos_encoding_mode="NONE", q_data_type=case.q.dtype,
-                   kv_data_type=case.q.dtype, sm_scale=case.scale)
+                   kv_data_type=kv_dtype, sm_scale=case.scale)
         else:
             w.plan(paged.indptr, paged.indices, paged.last_page_len, s.hq, s.hkv, s.head_dim, paged.page_size,
-                   pos_encoding_mode="NONE", q_data_type=case.q.dtype, kv_data_type=case.q.dtype, sm_scale=case.scale)
+                   pos_encoding_mode="NONE", q_data_type=case.q.dtype, kv_data_type=kv_dtype, sm_scale=case.scale)
 
     try:
         w = fi.wrapper(kind, paged.layout)
         plan()  # the first plan/run JIT-compiles the module (15-25 s), outside any timing
         out = torch.empty_like(q)
-        w.run(q, paged.kv, out=out)
+        w.run(q, paged.kv, out=out, **scales)
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
@@ -389,7 +417,7 @@ def flashinfer_runner(case: Case, fi: FlashInfer, paged: PagedCache, tensor_core
         plan()
         plan_us.append((time.perf_counter() - t0) * 1e6)
     backend = getattr(w, "resolved_backend", "")
-    return Runner(lambda: w.run(q, paged.kv, out=out), lambda: out.view(case.q.shape),
+    return Runner(lambda: w.run(q, paged.kv, out=out, **scales), lambda: out.view(case.q.shape),
                   extra={"plan_us": float(np.median(plan_us)), "backend": str(backend)})
 
 
@@ -424,6 +452,8 @@ class TvmPeer:
 
 def tvm_runner(case: Case, peer: TvmPeer, paged: PagedCache) -> Runner:
     """TVM's kernel on the paged copy, without RoPE (rotary_mode 0); its lse comes in log2 units."""
+    if case.kv8 is not None:
+        raise Unsupported("TVM's decode kernel takes no fp8 cache")
     if paged.layout != "HND" or paged.page_size != PAGE_SIZE or case.shape.q_len > 1:
         raise Unsupported(f"TVM's decode kernel takes one token over [P, 2, Hkv, {PAGE_SIZE}, D] pages")
     fn = peer.kernel(case.shape)
@@ -474,30 +504,41 @@ def _find_fa3_payload() -> str | None:
 def fa3_runner(case: Case, fa3: FA3, num_splits: int = 0, pack_gqa: bool | None = None) -> Runner:
     """FA3's decode as vLLM calls it: q [B, Sq, Hq, D], the [B, L, Hkv, D] cache or a paged shape's
     [P, page, Hkv, D] pool with its block table, ``seqused_k``, causal for several tokens, and
-    scheduler metadata computed once (``num_splits = 0``: its own heuristic)."""
+    scheduler metadata computed once (``num_splits = 0``: its own heuristic). An fp8 cache runs its
+    fp8 path, which needs q in fp8 too (e4m3, descale 1; K/V descales [B, Hkv]) and writes bf16."""
     if fa3.error:
         raise Unsupported(fa3.error)
     s = case.shape
     sq, causal = s.q_len, s.q_len > 1
+    fp8 = case.kv8 is not None
+    if fp8 and s.kv_dtype != "float8_e4m3fn":
+        raise Unsupported("FA3's fp8 path takes e4m3")
     if case.pool is not None:
-        k, v, table, page = case.pool[0], case.pool[1], case.table, s.page_size
+        pool = case.pool8 if fp8 else case.pool
+        k, v, table, page = pool[0], pool[1], case.table, s.page_size
         max_k = s.max_len
     else:
-        (k, v), table, page = case.blhd(), None, None
+        (k, v), table, page = (case.kv8.transpose(2, 3).contiguous() if fp8 else case.blhd()), None, None
         max_k = k.shape[1]  # a dense cache's width: FA3 checks k's shape against it
     q4 = case.q[:, None] if sq == 1 else case.q
-    out = torch.empty_like(q4)
-    md = fa3.ops.get_scheduler_metadata(s.batch, sq, max_k, s.hq, s.hkv, s.head_dim, s.head_dim, case.q.dtype,
+    descales = [None, None, None]
+    if fp8:
+        q4 = q4.to(torch.float8_e4m3fn)
+        descales = [torch.full((s.batch, s.hkv), x, dtype=torch.float32, device=q4.device)
+                    for x in (1.0, *FP8_SCALES)]
+    out = torch.empty(q4.shape, dtype=torch.bfloat16 if fp8 else q4.dtype, device=q4.device)
+    md = fa3.ops.get_scheduler_metadata(s.batch, sq, max_k, s.hq, s.hkv, s.head_dim, s.head_dim, q4.dtype,
                                         case.seq_lens, None, None, None, None, None, page, 0, causal, -1, -1, False,
                                         num_splits, pack_gqa, 0)
 
     def fn():
         fa3.ops.fwd(q4, k, v, None, None, None, out, None, None, None, None, case.seq_lens, sq, max_k, table,
-                    None, None, None, None, None, None, None, None, case.scale, causal, -1, -1, 0.0, True, md,
+                    None, None, None, None, None, *descales, case.scale, causal, -1, -1, 0.0, True, md,
                     num_splits, pack_gqa, 0, None, 1, 0, None)
 
-    extra = {"splits": num_splits, "backend": f"num_splits={num_splits or 'heuristic'}, pack_gqa={pack_gqa}"}
-    return Runner(fn, lambda: out[:, 0] if sq == 1 else out, extra=extra)
+    extra = {"splits": num_splits, "backend": f"num_splits={num_splits or 'heuristic'}, pack_gqa={pack_gqa}"
+             + (", q in e4m3" if fp8 else "")}
+    return Runner(fn, lambda: out[:, 0] if sq == 1 else out, extra=extra, tolerance=0.1 if fp8 else None)
 
 
 def stream_runner(case: Case, lib: BenchLibrary, sink: torch.Tensor, grid: int) -> Runner:
@@ -526,4 +567,4 @@ def check(runner: Runner, case: Case) -> tuple[float, bool]:
         if case.ref_lse is None:
             case.ref_lse = reference_lse(case)
         err = max(err, rel_error(runner.lse(), case.ref_lse))
-    return err, err <= tolerance(case.shape.dtype)
+    return err, err <= (runner.tolerance or tolerance(case.shape.dtype))

@@ -1,0 +1,149 @@
+"""fp8 KV caches on the GPU (marked ``gpu``), against float64 on the dequantised values: dense and
+paged (pages 1..64), one and several query tokens, fp16 and bf16 queries, e4m3 and e5m2, per-tensor
+and per-KV-head scales far from 1, large logits, empty sequences, a 100k sequence, launches of the
+batch variant; the fp8 kernel against our fp16 kernel on the same values; CUDA graph replay with
+scales and lengths changed in place; the default call never synchronises.
+
+``LEAN_TVM_LIB_DIR=build/sm_90a python -m pytest -m gpu tests/test_gpu_fp8.py``
+"""
+
+import math
+
+import pytest
+import torch
+from helpers import assert_attention_close, paged_case
+
+import lean_tvm
+from lean_tvm.reference import decode_attention_reference, dequantize, gather_pages
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+F16, BF16 = torch.float16, torch.bfloat16
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def scales(kind, hkv, seed):
+    if kind != "head":
+        return kind
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp(torch.empty(hkv).uniform_(math.log(1e-3), math.log(1e3), generator=g)).float().cuda()
+
+
+def relative(o, v_scale, hq, hkv):
+    """o over its head's V scale: errors are compared relative to the values' size."""
+    if isinstance(v_scale, torch.Tensor):
+        return o / v_scale.repeat_interleave(hq // hkv).view(1, 1, hq, 1).to(o.device)
+    return o / (v_scale or 1.0)
+
+
+DENSE = [  # lens, Sq, Hq, Hkv, D, q dtype, fp8, k_scale, v_scale, layout
+    ([4096, 0, 37, 1000], 1, 32, 8, 128, F16, E4M3, 0.02, 3.0, "bhld"),
+    ([4096, 0, 37, 1000], 1, 32, 8, 128, BF16, E4M3, "head", "head", "blhd"),
+    ([100000], 1, 32, 8, 128, F16, E4M3, "head", 1.0, "blhd"),
+    ([20000, 5], 1, 64, 8, 128, F16, E5M2, 1e-3, 1e3, "bhld"),
+    ([3000, 16, 48, 1], 1, 8, 1, 64, BF16, E5M2, 1.0, "head", "bhld"),
+    ([2500, 1, 700], 1, 8, 1, 256, F16, E4M3, 1e3, 1e-3, "blhd"),  # large logits
+    ([2500, 3, 700], 4, 28, 4, 128, BF16, E4M3, "head", 0.5, "blhd"),  # G 7, Sq 4: 28 rows, 2 chunks
+    ([8192, 100], 8, 32, 8, 128, F16, E5M2, 0.5, 0.5, "bhld"),  # Sq 8: 32 rows
+    ([900] * 40, 1, 32, 8, 128, F16, E4M3, "head", "head", "bhld"),  # 320 tiles: the batch variant
+]
+
+
+@pytest.mark.parametrize("lens,sq,hq,hkv,head_dim,dtype,fp8,ks,vs,layout", DENSE)
+def test_dense_fp8_matches_float64(lens, sq, hq, hkv, head_dim, dtype, fp8, ks, vs, layout):
+    g = torch.Generator().manual_seed(len(lens) + head_dim + sq)
+    batch, length = len(lens), max(lens)
+    shape = (batch, hkv, length, head_dim) if layout == "bhld" else (batch, length, hkv, head_dim)
+    k = torch.randn(shape, generator=g).to(fp8).cuda()
+    v = torch.randn(shape, generator=g).to(fp8).cuda()
+    q = torch.randn(batch, sq, hq, head_dim, generator=g).to(dtype).cuda()
+    k_scale, v_scale = scales(ks, hkv, 1), scales(vs, hkv, 2)
+    lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    o, lse = lean_tvm.decode_attention(q, k, v, lens_t, layout=layout, k_scale=k_scale, v_scale=v_scale,
+                                       return_lse=True)
+    kd, vd = dequantize(k, k_scale, layout), dequantize(v, v_scale, layout)
+    if layout == "blhd":
+        kd, vd = kd.permute(0, 2, 1, 3), vd.permute(0, 2, 1, 3)
+    ro, rl = decode_attention_reference(q, kd, vd, lens, head_dim ** -0.5)
+    assert_attention_close(relative(o, v_scale, hq, hkv), lse, relative(ro, v_scale, hq, hkv), rl, dtype)
+
+
+PAGED = [  # lens, Sq, Hq, Hkv, page, q dtype, fp8, layout, D
+    ([4096, 0, 37, 1000], 1, 32, 8, 16, F16, E4M3, "blhd", 128),
+    ([4096, 0, 37, 1000], 1, 32, 8, 1, BF16, E5M2, "bhld", 128),
+    ([70000, 5, 513], 1, 64, 8, 64, F16, E4M3, "blhd", 128),
+    ([3000, 16, 32, 48, 1], 1, 8, 1, 16, BF16, E4M3, "blhd", 64),
+    ([2500, 1, 700], 2, 8, 1, 16, F16, E5M2, "bhld", 256),
+    ([5000, 9, 200], 16, 16, 4, 16, BF16, E4M3, "bhld", 128),  # Sq 16: 64 rows
+    ([4100, 130], 8, 16, 2, 16, F16, E4M3, "blhd", 128),
+    ([3000, 0, 1] + [100 + 61 * i for i in range(37)], 1, 32, 8, 16, BF16, E4M3, "blhd", 128),  # batch variant
+]
+
+
+@pytest.mark.parametrize("lens,sq,hq,hkv,page,dtype,fp8,layout,head_dim", PAGED)
+def test_paged_fp8_matches_float64(lens, sq, hq, hkv, page, dtype, fp8, layout, head_dim):
+    q, k, v, table, lens_t = paged_case(lens, sq, hq, hkv, page, dtype, layout, head_dim, share=True, device="cuda")
+    k8, v8 = k.float().to(fp8), v.float().to(fp8)
+    k_scale, v_scale = scales("head", hkv, 3), 0.125
+    o, lse = lean_tvm.decode_attention(q, k8, v8, lens_t, block_table=table, layout=layout, k_scale=k_scale,
+                                       v_scale=v_scale, return_lse=True)
+    kd = gather_pages(dequantize(k8, k_scale, layout), table, lens_t.tolist(), layout)
+    vd = gather_pages(dequantize(v8, v_scale, layout), table, lens_t.tolist(), layout)
+    ro, rl = decode_attention_reference(q, kd, vd, lens, head_dim ** -0.5)
+    assert_attention_close(o, lse, ro, rl, dtype)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_fp8_agrees_with_our_16bit_kernel_on_the_same_values(dtype):
+    g = torch.Generator().manual_seed(9)
+    k8 = torch.randn(4, 8, 8192, 128, generator=g).to(E4M3).cuda()
+    v8 = torch.randn(4, 8, 8192, 128, generator=g).to(E4M3).cuda()
+    q = torch.randn(4, 32, 128, generator=g).to(dtype).cuda()
+    lens = torch.tensor([8192, 5000, 1, 0], dtype=torch.int32, device="cuda")
+    o8 = lean_tvm.decode_attention(q, k8, v8, lens, k_scale=0.25, v_scale=0.5)
+    o16 = lean_tvm.decode_attention(q, (k8.float() * 0.25).to(dtype), (v8.float() * 0.5).to(dtype), lens)
+    torch.testing.assert_close(o8, o16, atol=2e-3 if dtype == F16 else 1.5e-2, rtol=1e-2)
+
+
+def test_graph_replay_follows_scales_and_lengths_changed_in_place():
+    q, k, v, table, lens = paged_case([3000, 700], 2, 32, 8, 16, F16, "blhd", 128, device="cuda", spare=40)
+    k8, v8 = k.float().to(E4M3), v.float().to(E4M3)
+    k_scale = torch.full((8,), 0.5, device="cuda")
+    out = torch.empty_like(q)
+    lean_tvm.decode_attention(q, k8, v8, lens, block_table=table, layout="blhd", out=out, k_scale=k_scale,
+                              v_scale=2.0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lean_tvm.decode_attention(q, k8, v8, lens, block_table=table, layout="blhd", out=out, k_scale=k_scale,
+                                  v_scale=2.0)
+    for new_lens, ks in (([3000, 700], 0.5), ([600, 2900], 4.0), ([704, 0], 1e-2)):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        k_scale.fill_(ks)
+        graph.replay()
+        torch.cuda.synchronize()
+        kd = gather_pages(dequantize(k8, ks), table, lens.tolist(), "blhd")
+        vd = gather_pages(dequantize(v8, 2.0), table, lens.tolist(), "blhd")
+        ro, _ = decode_attention_reference(q, kd, vd, lens.tolist(), 128 ** -0.5)
+        torch.testing.assert_close(out.double(), ro, atol=4e-3, rtol=1e-2)
+
+
+def test_the_default_fp8_call_never_synchronizes():
+    q = torch.randn(2, 32, 128, device="cuda", dtype=F16)
+    k = torch.randn(2, 8, 4096, 128, device="cuda").to(E4M3)
+    lens = torch.tensor([4096, 100], dtype=torch.int32, device="cuda")
+    per_head = torch.full((8,), 0.5, device="cuda")
+    lean_tvm.decode_attention(q, k, k, lens, k_scale=per_head, v_scale=0.5)  # plans, launchers, constants
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call now raises
+    try:
+        lean_tvm.decode_attention(q, k, k, lens, k_scale=per_head, v_scale=0.5)
+        lean_tvm.decode_attention(q, k, k, lens, k_scale=0.25, v_scale=per_head)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_gpu_scales_are_checked_when_asked():
+    q = torch.randn(1, 8, 64, device="cuda", dtype=F16)
+    k = torch.randn(1, 1, 64, 64, device="cuda").to(E4M3)
+    with pytest.raises(ValueError, match="k_scale: expected finite scales > 0"):
+        lean_tvm.decode_attention(q, k, k, k_scale=torch.zeros(1, device="cuda"), check_lengths=True)
