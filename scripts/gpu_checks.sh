@@ -4,7 +4,7 @@
 #   python -m lean_tvm.build --arch sm_90a --out build/sm_90a
 #   python -m lean_tvm.bench.libraries --arch sm_90a --out build/sm_90a [--with-tvm-peer]),
 # the tvm-ffi wheel in .whl/ (see ../shared/docs/GPU_RUNTIME.md). Logs go to ${OUT:-gpu_out}/.
-# Usage: bash scripts/gpu_checks.sh [tests] [sanitize] [llama] [host] [bench] [tune] [relax] [paged] [segment_sum]
+# Usage: bash scripts/gpu_checks.sh [tests] [fp8] [sanitize] [llama] [host] [bench] [tune] [relax] [paged] [segment_sum]
 # (bench wants the peers: FlashInfer in .gpu/fi (../shared/tools/flashinfer_payload.sh .gpu/fi) and
 #  FA3 in .gpu/fa3 (../shared/tools/fa3_payload.sh .gpu/fa3); BENCH_ARGS default --quick;
 #  relax and paged need build/relax_gpu: python scripts/build_relax_gpu.py;
@@ -18,6 +18,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 for step in "$@"; do
   case $step in
     tests) timeout 500 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_gpu_paged.py 2>&1 | tee "$out/gpu_tests.txt" | tail -15 ;;
+    fp8) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_fp8.py 2>&1 \
+           | tee "$out/gpu_fp8_tests.txt" | tail -15 ;;
     sanitize)
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
         timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_check.py > "$out/sanitize_$tool.txt" 2>&1

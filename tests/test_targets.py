@@ -52,3 +52,23 @@ def test_markdown_cli(tmp_path):
     text = (tmp_path / "targets.md").read_text()
     assert text.startswith("# Speed targets") and "| B1 32/8 L4k within 1.3x of the stream read |" in text
     assert targets.main([str(tmp_path / "nowhere")]) == 2
+
+
+def test_fp8_targets_follow_the_numbers():
+    big = grid.quantized(grid.uniform(1, 262144, 32, 8))  # 512 MB in 16 bits, 256 MB... of fp8: 268 MB
+    small = grid.quantized(grid.uniform(1, 4096, 32, 8))  # 16 MB in 16 bits: no 1.8x target
+    rows = []
+    for shape, lean, stream, b16, fi in ((big, 60.0, 57.0, 115.0, 90.0), (small, 10.0, 5.0, 11.0, 14.0)):
+        rows += [report.shape_row(shape, report.STREAM, median_us=stream, ok=True),
+                 report.shape_row(shape, "lean", median_us=lean, ok=True),
+                 report.shape_row(shape, "lean-16bit", median_us=b16, ok=True),
+                 report.shape_row(shape, "flashinfer", median_us=fi, ok=True),
+                 report.shape_row(shape, "flashinfer-tc", median_us=math.nan, note="failed")]
+    v = verdicts(rows)
+    assert v["fp8: >= 1.8x our 16-bit kernel where the 16-bit K+V >= 64 MB"] == (
+        f"1 of 1; 1.92x-1.92x (lowest: {big.name})", "met")
+    assert v["fp8: >= 93% of the stream read of the fp8 bytes where >= 256 MB"] == (
+        f"1 of 1; lowest 95% ({big.name})", "met")
+    assert v["fp8: >= 1.3x FlashInfer's fp8 decode (its faster path) on every row"] == (
+        f"2 of 2; 1.40x-1.50x (lowest: {small.name})", "met")
+    assert not any(t.startswith("fp8") for t in verdicts(rows_for(L4K, lean=10.0, stream=8.0, peer=15.0)))

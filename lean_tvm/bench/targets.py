@@ -22,6 +22,9 @@ SMALL = (L4K, "B1 32/8 D128 fp16 L8k", "B1 32/8 D128 fp16 L16k")
 L512K = "B1 32/8 D128 fp16 L512k"
 BLHD_SLACK = 1.03
 HOST_US = 10.0
+FP8_VS_16BIT, FP8_MIN_16BIT_MB = 1.8, 64  # fp8 rows: speed over our 16-bit kernel where the 16-bit K+V >= 64 MB
+FP8_STREAM, FP8_MIN_MB = 0.93, 256  # ... of the stream read of the fp8 bytes where those are >= 256 MB
+FP8_VS_FLASHINFER = 1.3
 
 
 def _us(by: dict, system: str) -> float:
@@ -101,6 +104,42 @@ def evaluate(rows: list[dict]) -> list[tuple[str, str, str]]:
                     f"{_us(by, 'lean-nosplit') / _us(by, 'lean'):.1f}x ({_us(by, 'lean-nosplit'):.0f} vs "
                     f"{_us(by, 'lean'):.0f} us; lean at {100 * _us(by, STREAM) / _us(by, 'lean'):.0f}% of the "
                     f"stream read)", "reported"))
+    return out + fp8_targets(shapes)
+
+
+def fp8_targets(shapes: dict[str, dict]) -> list[tuple[str, str, str]]:
+    """The fp8 grid's targets (rows with a ``lean-16bit`` system: ``bench --fp8``)."""
+    fp8 = {n: by for n, by in shapes.items() if "lean-16bit" in by and math.isfinite(_us(by, "lean"))}
+    if not fp8:
+        return []
+    out = []
+    big = {n: _us(by, "lean-16bit") / _us(by, "lean") for n, by in fp8.items()
+           if 2 * by["lean"]["kv_bytes"] >= FP8_MIN_16BIT_MB * 1e6 and math.isfinite(_us(by, "lean-16bit"))}
+    if big:
+        worst = min(big, key=big.get)
+        out.append((f"fp8: >= {FP8_VS_16BIT}x our 16-bit kernel where the 16-bit K+V >= {FP8_MIN_16BIT_MB} MB",
+                    f"{sum(x >= FP8_VS_16BIT for x in big.values())} of {len(big)}; {min(big.values()):.2f}x-"
+                    f"{max(big.values()):.2f}x (lowest: {worst})", _verdict(min(big.values()) >= FP8_VS_16BIT)))
+    pct = {n: _us(by, STREAM) / _us(by, "lean") for n, by in fp8.items()
+           if by["lean"]["kv_bytes"] >= FP8_MIN_MB * 1e6}
+    if pct:
+        worst = min(pct, key=pct.get)
+        out.append((f"fp8: >= {100 * FP8_STREAM:.0f}% of the stream read of the fp8 bytes where >= {FP8_MIN_MB} MB",
+                    f"{sum(p >= FP8_STREAM for p in pct.values())} of {len(pct)}; lowest {100 * pct[worst]:.0f}% "
+                    f"({worst})", _verdict(min(pct.values()) >= FP8_STREAM)))
+    fi = {}
+    for n, by in fp8.items():
+        us = min(_us(by, "flashinfer"), _us(by, "flashinfer-tc"), key=lambda x: x if math.isfinite(x) else math.inf)
+        if math.isfinite(us):
+            fi[n] = us / _us(by, "lean")
+    if fi:
+        worst = min(fi, key=fi.get)
+        out.append((f"fp8: >= {FP8_VS_FLASHINFER}x FlashInfer's fp8 decode (its faster path) on every row",
+                    f"{sum(x >= FP8_VS_FLASHINFER for x in fi.values())} of {len(fi)}; {min(fi.values()):.2f}x-"
+                    f"{max(fi.values()):.2f}x (lowest: {worst})", _verdict(min(fi.values()) >= FP8_VS_FLASHINFER)))
+    else:
+        out.append((f"fp8: >= {FP8_VS_FLASHINFER}x FlashInfer's fp8 decode on every row", "FlashInfer did not run",
+                    "n/a"))
     return out
 
 
