@@ -4,10 +4,11 @@
 #   python -m lean_tvm.build --arch sm_90a --out build/sm_90a
 #   python -m lean_tvm.bench.libraries --arch sm_90a --out build/sm_90a [--with-tvm-peer]),
 # the tvm-ffi wheel in .whl/ (see ../shared/docs/GPU_RUNTIME.md). Logs go to ${OUT:-gpu_out}/.
-# Usage: bash scripts/gpu_checks.sh [tests] [sanitize] [llama] [host] [bench] [tune] [relax] [paged]
+# Usage: bash scripts/gpu_checks.sh [tests] [sanitize] [llama] [host] [bench] [tune] [relax] [paged] [hf] [hfbench]
 # (bench wants the peers: FlashInfer in .gpu/fi (../shared/tools/flashinfer_payload.sh .gpu/fi) and
 #  FA3 in .gpu/fa3 (../shared/tools/fa3_payload.sh .gpu/fa3); BENCH_ARGS default --quick;
-#  relax and paged need build/relax_gpu: python scripts/build_relax_gpu.py)
+#  relax and paged need build/relax_gpu: python scripts/build_relax_gpu.py; hf and hfbench need transformers
+#  5.17+ on the machine, HF_BENCH_ARGS selects part of the generate() grid, e.g. "--models llama3-8b --prompts 4096")
 set -u
 out=${OUT:-gpu_out}; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
@@ -29,6 +30,10 @@ for step in "$@"; do
             python3 -m lean_tvm.bench ${BENCH_ARGS:---quick} --out "$out/bench" 2>&1 | tail -30 ;;
     tune) timeout 300 python3 -m lean_tvm.bench.tune measure --lib build/tune_sm_90a --out "$out/tune.json" --reps 15 \
             > "$out/tune_log.txt" 2>&1; echo "tune: exit $?" ;;
+    hf) timeout 590 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_transformers.py 2>&1 \
+          | tee "$out/hf_tests.txt" | tail -15 ;;
+    hfbench) timeout 590 python3 -m lean_tvm.bench.hf_generate --out "$out/hf_generate" ${HF_BENCH_ARGS:-} 2>&1 \
+          | tee -a "$out/hf_generate.txt" | tail -30 ;;
     relax|paged) PYTHONPATH=$PYTHONPATH:$PWD/build/relax_gpu/site:$PWD/build/relax_gpu timeout 400 \
             python3 scripts/${step}_gpu.py 2>&1 | tee "$out/${step}_gpu.txt" | tail -30 ;;
   esac

@@ -1,27 +1,18 @@
-"""Random-weight transformers models built from configs (nothing fetched from a hub) and the
-checks that a lean_tvm generation agrees with SDPA's, shared by the CPU and GPU tests."""
+"""Prompts and the checks that a lean_tvm generation agrees with SDPA's, shared by the CPU and GPU
+tests (models: random weights from configs, ``lean_tvm.bench.hf_generate``; nothing from a hub)."""
 
 from __future__ import annotations
 
-import inspect
-
 import torch
-from transformers import AutoModelForCausalLM
 
+from lean_tvm.bench.hf_generate import cache_argument
 from lean_tvm.integrations import transformers as lean_hf
 
 NO_SPECIAL_TOKENS = dict(pad_token_id=0, bos_token_id=None, eos_token_id=None)  # generate() runs to the end
 
 
-def random_model(config, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
-    """An eval-mode model of ``config`` with seeded random weights, in ``dtype`` on ``device``."""
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
-
-
 def with_cache(model, cache) -> dict:
-    """The forward's cache argument: ``cache`` since transformers 5.2x, ``past_key_values`` before."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    return {cache_argument(model): cache}
 
 
 def prompts(lengths, vocab: int, device: str = "cpu", seed: int = 1):
@@ -78,3 +69,18 @@ def assert_same_tokens_up_to_a_tie(lean_seq, sdpa_seq, sdpa_scores, prompt_len: 
             step = differ[0].item()
             top2 = sdpa_scores[b, step].topk(2).values
             assert top2[0] - top2[1] <= tol, f"sequence {b} departs from SDPA's at step {step} without a tie"
+
+
+def stepped_logits(model, impl: str, tokens, prompt_len: int, cache, step: int = 1, padding_mask: bool = True):
+    """Teacher-forced logits [forwards, step, V] (fp32) with attention ``impl``: a prompt of
+    ``prompt_len`` tokens of ``tokens`` [1, T] into ``cache``, then the rest, ``step`` tokens per
+    forward (with the padding mask generate() passes, or none). Also who served the calls."""
+    model.set_attn_implementation(impl)
+    lean_hf.reset()
+    with torch.no_grad():
+        model(tokens[:, :prompt_len], **with_cache(model, cache))
+        out = []
+        for t in range(prompt_len, tokens.shape[1], step):
+            mask = {"attention_mask": tokens.new_ones(1, t + step)} if padding_mask else {}
+            out.append(model(tokens[:, t:t + step], **mask, **with_cache(model, cache)).logits[0].float())
+    return torch.stack(out), dict(lean_hf.counts)

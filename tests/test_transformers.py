@@ -14,9 +14,8 @@ from hf_models import (
     assert_same_tokens_up_to_a_tie,
     generate,
     prompts,
-    random_model,
     sdpa_logits_over,
-    with_cache,
+    stepped_logits,
 )
 from transformers import (
     AttentionInterface,
@@ -30,6 +29,7 @@ from transformers import (
 )
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
+from lean_tvm.bench.hf_generate import random_model
 from lean_tvm.integrations import transformers as lean_hf
 from lean_tvm.integrations.transformers import rows
 
@@ -55,7 +55,7 @@ def registered():
 
 @pytest.fixture(scope="module")
 def llama():
-    return random_model(tiny_llama(), torch.float16)
+    return random_model(tiny_llama(), torch.float16, torch.device("cpu"))
 
 
 def test_register_adds_the_attention_and_the_mask_function():
@@ -74,41 +74,30 @@ def test_greedy_generate_matches_sdpa_and_decodes_in_lean_tvm(llama, cache):
     assert_greedy_choices_agree(seq, ids.shape[1], sdpa_logits_over(llama, seq, mask), TIE)
 
 
-def _teacher_forced_logits(model, impl, tokens, prompt_len, cache):
-    """Logits [steps, V] of each single-token step after a prompt, fed ``tokens``, with ``impl``."""
-    model.set_attn_implementation(impl)
-    lean_hf.reset()
-    with torch.no_grad():
-        model(tokens[:, :prompt_len], **with_cache(model, cache))
-        steps = [model(tokens[:, t:t + 1], **with_cache(model, cache)).logits[0, -1].float()
-                 for t in range(prompt_len, tokens.shape[1])]
-    return torch.stack(steps), dict(lean_hf.counts)
-
-
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_teacher_forced_logits_match_sdpa_at_every_step(llama, cache):
+@pytest.mark.parametrize("step", [1, 4], ids=["one token", "four tokens"])
+def test_teacher_forced_logits_match_sdpa_at_every_step(llama, cache, step):
+    """One new token per forward (decode), or four (a speculative verification step: bottom-right
+    causal over the cache)."""
     tokens, _ = prompts([48], 256, seed=2)
     make = (lambda: DynamicCache(config=llama.config)) if cache == "dynamic" else \
         (lambda: StaticCache(config=llama.config, max_cache_len=64))
-    ref, _ = _teacher_forced_logits(llama, "sdpa", tokens, 16, make())
-    got, counts = _teacher_forced_logits(llama, "lean_tvm", tokens, 16, make())
-    assert counts == {"lean_tvm": LAYERS * 32, "sdpa": LAYERS}
+    ref, _ = stepped_logits(llama, "sdpa", tokens, 16, make(), step)
+    got, counts = stepped_logits(llama, "lean_tvm", tokens, 16, make(), step)
+    assert counts == {"lean_tvm": LAYERS * 32 // step, "sdpa": LAYERS}
     torch.testing.assert_close(got, ref, **LOGIT_TOL)
 
 
-def test_several_new_tokens_after_a_cache_decode_in_lean_tvm(llama):
-    """A verification step of speculative decoding: 5 tokens at once over 20 cached ones (bottom-right causal)."""
-    tokens, _ = prompts([25], 256, seed=3)
-    out = {}
-    for impl in ("sdpa", "lean_tvm"):
-        llama.set_attn_implementation(impl)
-        lean_hf.reset()
-        cache = DynamicCache(config=llama.config)
-        with torch.no_grad():
-            llama(tokens[:, :20], **with_cache(llama, cache))
-            out[impl] = llama(tokens[:, 20:], **with_cache(llama, cache)).logits.float()
-    assert lean_hf.counts == {"lean_tvm": LAYERS, "sdpa": LAYERS}
-    torch.testing.assert_close(out["lean_tvm"], out["sdpa"], **LOGIT_TOL)
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_a_forward_without_a_padding_mask_decodes_over_lengths_only(llama, cache):
+    """No 2-d mask: no start rows, the dense one-token kernel."""
+    tokens, _ = prompts([30], 256, seed=8)
+    make = (lambda: DynamicCache(config=llama.config)) if cache == "dynamic" else \
+        (lambda: StaticCache(config=llama.config, max_cache_len=40))
+    ref, _ = stepped_logits(llama, "sdpa", tokens, 16, make(), padding_mask=False)
+    got, counts = stepped_logits(llama, "lean_tvm", tokens, 16, make(), padding_mask=False)
+    assert counts == {"lean_tvm": LAYERS * 14, "sdpa": LAYERS}
+    torch.testing.assert_close(got, ref, **LOGIT_TOL)
 
 
 def test_left_padded_batch_attends_no_padding(llama):
@@ -159,7 +148,7 @@ FALLBACKS = [  # (config, dtype, what the log line names)
 
 @pytest.mark.parametrize("config,dtype,reason", [f[1:] for f in FALLBACKS], ids=[f[0] for f in FALLBACKS])
 def test_what_the_kernel_cannot_serve_falls_back_to_sdpa_and_says_why_once(config, dtype, reason, caplog):
-    model = random_model(config, dtype)
+    model = random_model(config, dtype, torch.device("cpu"))
     ids, mask = prompts([6, 10], 256, seed=6)
     sdpa_seq, _, _ = generate(model, "sdpa", ids, mask, 8)
     with caplog.at_level(logging.INFO, logger="lean_tvm.integrations.transformers"):
@@ -174,7 +163,7 @@ def test_soft_capping_is_refused_naming_it():
     """Gemma2 caps its logits: neither the kernel nor SDPA (its fallback) computes that."""
     config = Gemma2Config(**(tiny_llama().to_dict() | dict(query_pre_attn_scalar=64, sliding_window=8,
                                                            layer_types=["full_attention"] * LAYERS)))
-    model = random_model(config, torch.float16)
+    model = random_model(config, torch.float16, torch.device("cpu"))
     model.set_attn_implementation("lean_tvm")
     with pytest.raises(ValueError, match="soft-capping.*attn_implementation='eager'"), torch.no_grad():
         model(torch.ones(1, 4, dtype=torch.long))
@@ -211,9 +200,12 @@ def test_row_bounds_describe_sdpas_mask(offset, q_len):
     assert torch.equal(rows.boolean_mask(bounds, q_len, kv_len), want)
 
 
-def test_without_a_padding_mask_the_bounds_are_lengths_only():
-    bounds = lean_hf.lean_tvm_mask(3, 1, 40, q_offset=torch.tensor(39))
-    assert bounds.shape == (1, 1, 1, 3) and rows.lengths_and_starts(bounds)[1] is None
+@pytest.mark.parametrize("offset", [39, torch.tensor(39)], ids=["dynamic cache", "static cache"])
+def test_without_a_padding_mask_the_bounds_are_lengths_only(offset):
+    bounds = lean_hf.lean_tvm_mask(3, 1, 40, q_offset=offset)
+    lengths, starts = rows.lengths_and_starts(bounds)
+    assert bounds.shape == (1, 1, 1, 3) and starts is None
+    assert lengths.is_contiguous() and lengths.tolist() == [40] * 3
 
 
 @pytest.mark.parametrize("kw,reason", [

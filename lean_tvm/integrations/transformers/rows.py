@@ -14,8 +14,9 @@ import torch
 
 
 def row_bounds(ends: torch.Tensor, starts: torch.Tensor | None) -> torch.Tensor:
-    """ends, starts: int32 [B] -> bounds int32 [1, 1, R, B] (R = 2 with starts, else 1)."""
-    rows = ends.view(1, -1) if starts is None else torch.stack((ends, starts))
+    """ends, starts: int32 [B] (any strides) -> bounds int32 [1, 1, R, B], contiguous (R = 2 with
+    starts, else 1)."""
+    rows = torch.stack((ends,) if starts is None else (ends, starts))
     return rows.view(1, 1, *rows.shape)
 
 
