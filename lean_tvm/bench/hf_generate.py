@@ -218,20 +218,19 @@ def bench_shape(model, name: str, batch: int, prompt: int, args, device: torch.d
     return rows
 
 
-def _fmt(x, spec: str) -> str:
-    return "" if x in (None, "") else format(float(x), spec)
-
-
 def markdown(rows: list[dict], meta: dict) -> str:
-    """One line per (model, batch, prompt): tokens/s of every (backend, mode), lean_tvm's best over
-    the best other row, and the attention share of an SDPA eager decode step."""
+    """One line per (model, batch, prompt): tokens/s of every (backend, mode), lean_tvm over the
+    best other backend in each mode, and the attention share of an SDPA eager decode step."""
     runs = [(b, m) for b in BACKENDS for m in MODES if any(r["backend"] == b and r["mode"] == m for r in rows)]
-    head = ["model", "batch", "prompt", *[f"{b} {m}" for b, m in runs], "lean_tvm / best other", "attention share"]
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    head = ["model", "batch", "prompt", *[f"{b} {m}" for b, m in runs], *[f"lean_tvm / best other, {m}" for m in modes],
+            "attention share"]
+    first = rows[0] if rows else {}
     lines = [f"# generate() tokens/s ({meta.get('gpu', '?')}, commit {meta.get('commit', '?')})", "",
-             f"Decode only: {rows[0]['new_tokens'] if rows else '?'} new tokens per sequence after a cached prompt, "
-             f"{rows[0]['dtype'] if rows else '?'} random weights, {rows[0]['layers'] if rows else '?'} layers; "
-             "median of interleaved rounds. `agree`: share of tokens equal to SDPA eager's "
-             "(ties in a random model may part them). Attention share: SDPA eager, device time (torch profiler).", "",
+             f"Decode only: {first.get('new_tokens', '?')} new tokens per sequence after a cached prompt, "
+             f"{first.get('dtype', '?')} random weights, {first.get('layers', '?')} layers; median of interleaved "
+             "rounds. `agree` (in results.csv): share of tokens equal to SDPA eager's (near-ties of a random model "
+             "may part them). Attention share: SDPA eager, device time (torch profiler).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     shapes = sorted({(r["model"], int(r["batch"]), int(r["prompt"])) for r in rows})
     for model, batch, prompt in shapes:
@@ -239,11 +238,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
               if (r["model"], int(r["batch"]), int(r["prompt"])) == (model, batch, prompt)}
         rate = {k: float(r["tokens_per_s"]) for k, r in by.items() if r.get("tokens_per_s") not in (None, "")}
         cells = [f"{rate[k]:.0f}" if k in rate else (by[k]["note"][:40] or "-") if k in by else "" for k in runs]
-        lean = max((v for (b, _), v in rate.items() if b == lean_hf.NAME), default=None)
-        other = max((v for (b, _), v in rate.items() if b != lean_hf.NAME), default=None)
-        ratio = f"{lean / other:.2f}x" if lean and other else ""
-        share = _fmt(by.get(("sdpa", "eager"), {}).get("attention_share"), ".0%")
-        lines.append("| " + " | ".join([model, str(batch), str(prompt), *cells, ratio, share]) + " |")
+        for mode in modes:
+            lean = rate.get((lean_hf.NAME, mode))
+            other = max((v for (b, m), v in rate.items() if m == mode and b != lean_hf.NAME), default=None)
+            cells.append(f"{lean / other:.2f}x" if lean and other else "")
+        share = by.get(("sdpa", "eager"), {}).get("attention_share")
+        cells.append("" if share in (None, "") else f"{float(share):.0%}")
+        lines.append("| " + " | ".join([model, str(batch), str(prompt), *cells]) + " |")
     lines += ["", "All rows with p10/p90, ms per step, agreement and the share of every backend: `results.csv`."]
     return "\n".join(lines) + "\n"
 
