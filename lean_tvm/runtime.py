@@ -216,6 +216,16 @@ def _check_gemv(w, x, y) -> None:
 
 
 _LAUNCHES: dict[tuple, Callable] = {}
+_MAX_LAUNCHES = 4096  # shapes kept (a cache that grows per step, transformers' dynamic one, makes one per length)
+
+
+def _launcher(key: tuple, make: Callable[[], Callable]) -> Callable:
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        if len(_LAUNCHES) >= _MAX_LAUNCHES:
+            _LAUNCHES.clear()
+        launch = _LAUNCHES[key] = make()
+    return launch
 
 
 def launch_attention(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: float,
@@ -236,11 +246,8 @@ def attention_launcher(q, hkv: int, num_splits: int = STREAM_K, num_ctas: int | 
     heads and a cache of ``max_len`` rows. What depends only on those (kernel, workers, grid) is
     resolved once per shape, so a launch is the workspace lookup and the tvm-ffi call; callers
     that keep the launcher (``torch_ops``) skip even this lookup."""
-    key = (q.device, q.dtype, q.shape, hkv, num_splits, num_ctas, kernel, max_len)
-    launch = _LAUNCHES.get(key)
-    if launch is None:
-        launch = _LAUNCHES[key] = _make_launcher(q, hkv, num_splits, num_ctas, kernel, max_len)
-    return launch
+    return _launcher((q.device, q.dtype, q.shape, hkv, num_splits, num_ctas, kernel, max_len),
+                     lambda: _make_launcher(q, hkv, num_splits, num_ctas, kernel, max_len))
 
 
 def _make_launcher(q, hkv: int, num_splits: int, num_ctas: int | None, kernel: KernelInfo | None,
@@ -275,11 +282,8 @@ def paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None = None) ->
     paged kernel for q4 [B, Sq, Hq, D]'s device, dtype and shape, ``hkv`` KV heads and a cache of
     ``cache_len`` rows per sequence (pages x page size; a dense cache's length): resolved once per
     shape like :func:`attention_launcher`. The pools are [P, Hkv, page, D] views."""
-    key = (q4.device, q4.dtype, q4.shape, hkv, cache_len, num_ctas, PAGED)
-    launch = _LAUNCHES.get(key)
-    if launch is None:
-        launch = _LAUNCHES[key] = _make_paged_launcher(q4, hkv, cache_len, num_ctas)
-    return launch
+    return _launcher((q4.device, q4.dtype, q4.shape, hkv, cache_len, num_ctas, PAGED),
+                     lambda: _make_paged_launcher(q4, hkv, cache_len, num_ctas))
 
 
 def tile_rows(sq: int, group: int, max_group: int) -> tuple[int, int]:
