@@ -140,8 +140,7 @@ class Workspace:
         n, bufs = self._buffers.get(key, (0, None))
         if bufs is None or n < workers:
             n = max(workers, 1)
-            bufs = (*(torch.empty(n, *shape, device=device, dtype=torch.float32) for shape in partial_shapes),
-                    torch.zeros(n, device=device, dtype=torch.int32))
+            bufs = new_workspace(device, n, *partial_shapes)
             self._buffers[key] = n, bufs
         return bufs
 
@@ -153,6 +152,15 @@ class Workspace:
         if buf is None:
             buf = self._scratch[key] = torch.empty(shape, device=device, dtype=torch.float32)
         return buf
+
+
+def new_workspace(device: torch.device, workers: int, *partial_shapes: tuple[int, ...]):
+    """Fresh partials (fp32 [workers, *shape] per shape) and flags (int32 [workers], zero). The
+    torch ops' own (``fresh_workspace``): under CUDA graphs made by torch.compile (cudagraph trees)
+    every live tensor of the graphs' memory pool must be one the trees track, and a cached workspace
+    first allocated while they warm up or record a graph would live in the pool untracked."""
+    return (*(torch.empty(max(workers, 1), *shape, device=device, dtype=torch.float32) for shape in partial_shapes),
+            torch.zeros(max(workers, 1), device=device, dtype=torch.int32))
 
 
 def _current_stream(device: torch.device) -> int:
@@ -230,14 +238,15 @@ def _launcher(key: tuple, make: Callable[[], Callable]) -> Callable:
 
 def launch_attention(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: float,
                      num_splits: int = STREAM_K, num_ctas: int | None = None,
-                     kernel: KernelInfo | None = None) -> None:
+                     kernel: KernelInfo | None = None, fresh_workspace: bool = False) -> None:
     """Run the kernel on already-validated tensors (q [B, Hq, D], caches [B, Hkv, L, D] views).
 
     ``num_splits == 0``: stream-K over ``num_ctas`` (default: every SM x CTAs per SM);
-    ``num_splits = S``: fixed split into S chunks per tile (1 = no split).
+    ``num_splits = S``: fixed split into S chunks per tile (1 = no split). ``fresh_workspace``:
+    see :func:`new_workspace`.
     """
     launch = attention_launcher(q, k_cache.shape[1], num_splits, num_ctas, kernel, k_cache.shape[2])
-    launch(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale)
+    launch(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale, fresh_workspace)
 
 
 def attention_launcher(q, hkv: int, num_splits: int = STREAM_K, num_ctas: int | None = None,
@@ -255,8 +264,8 @@ def _make_launcher(q, hkv: int, num_splits: int, num_ctas: int | None, kernel: K
     fn, workers, grid, shapes = _prepare_attention(q, hkv, num_splits, num_ctas, kernel, max_len)
     device = q.device
 
-    def launch(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: float) -> None:
-        ws_o, ws_ml, flags = WORKSPACE.get(device, workers, *shapes)
+    def launch(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: float, fresh_workspace: bool = False) -> None:
+        ws_o, ws_ml, flags = (new_workspace if fresh_workspace else WORKSPACE.get)(device, workers, *shapes)
         fn(q, k_cache, v_cache, seq_lens, out, lse, ws_o, ws_ml, flags, softmax_scale, workers, num_splits, grid)
 
     return launch
@@ -308,8 +317,9 @@ def _make_paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None) -> 
     workers, grid = _workers_and_grid(q4.device, tiles, STREAM_K, num_ctas, info.ctas_per_sm)
     fn, shapes, device = lib.function(info.name), ((info.max_group, head_dim), (2, info.max_group)), q4.device
 
-    def launch(q, k, v, block_table, seq_lens, leftpad, out, lse, softmax_scale: float, page_size_log2: int) -> None:
-        ws_o, ws_ml, flags = WORKSPACE.get(device, workers, *shapes)
+    def launch(q, k, v, block_table, seq_lens, leftpad, out, lse, softmax_scale: float, page_size_log2: int,
+               fresh_workspace: bool = False) -> None:
+        ws_o, ws_ml, flags = (new_workspace if fresh_workspace else WORKSPACE.get)(device, workers, *shapes)
         fn(q, k, v, block_table, seq_lens, leftpad, out, lse, ws_o, ws_ml, flags, softmax_scale, cache_len,
            page_size_log2, workers, STREAM_K, grid)
 
