@@ -26,8 +26,10 @@ def is_row_bounds(mask) -> bool:
 
 
 def lengths_and_starts(bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(cache_seqlens int32 [B], cache_leftpad int32 [B] or None): views of ``bounds``."""
-    return bounds[0, 0, 0], (bounds[0, 0, 1] if bounds.shape[2] == 2 else None)
+    """(cache_seqlens int32 [B], cache_leftpad int32 [B] or None): views of ``bounds`` (one unbind:
+    this runs in every layer of every step, and two indexings cost twice as much on the host)."""
+    rows = bounds.view(bounds.shape[2], -1).unbind(0)
+    return rows[0], (rows[1] if len(rows) == 2 else None)
 
 
 def boolean_mask(bounds: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
