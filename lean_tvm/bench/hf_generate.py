@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch.autograd import DeviceType
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, CompileConfig, DynamicCache, StaticCache
 
 from lean_tvm.integrations import transformers as lean_hf
@@ -144,13 +145,17 @@ def attention_share(model, backend: str, ids, cache, steps: int = 3) -> float:
             if on_gpu:
                 torch.cuda.synchronize()
     rewind(cache, ids.shape[1] - 1)
-    events = prof.key_averages()
+    # The raw events, not key_averages (which would merge the range with its GPU-side annotation of
+    # the same name); kernels counted once, as device events, as the profiler's own table does.
+    events = prof.events()
+    ranges = [e for e in events if e.name == "attention" and e.device_type == DeviceType.CPU]
     if on_gpu:
-        total = sum(e.self_device_time_total for e in events)
-        attention = sum(e.device_time_total for e in events if e.key == "attention")
+        total = sum(e.self_device_time_total for e in events
+                    if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+        attention = sum(e.device_time_total for e in ranges)
     else:
         total = sum(e.self_cpu_time_total for e in events)
-        attention = sum(e.cpu_time_total for e in events if e.key == "attention")
+        attention = sum(e.cpu_time_total for e in ranges)
     return attention / total if total else float("nan")
 
 

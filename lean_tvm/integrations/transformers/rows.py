@@ -21,6 +21,7 @@ def row_bounds(ends: torch.Tensor, starts: torch.Tensor | None) -> torch.Tensor:
 
 
 def is_row_bounds(mask) -> bool:
+    """Whether a mask the attention function got is row bounds (metadata only: traced as a constant)."""
     return isinstance(mask, torch.Tensor) and mask.dtype == torch.int32 and mask.dim() == 4 and \
         mask.shape[:2] == (1, 1) and mask.shape[2] in (1, 2)
 
