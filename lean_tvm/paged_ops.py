@@ -166,15 +166,19 @@ def _plan(q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad, layout
     return plan
 
 
+def _filled(kind: str, batch: int, value: int, device: torch.device) -> torch.Tensor:
+    """A dense cache's block table (``kind`` "table": b -> page b, [B, 1]), or ``value`` for every
+    sequence ([B]: zero start rows, full lengths); int32."""
+    if kind == "table":
+        return torch.arange(batch, dtype=torch.int32, device=device).view(batch, 1)
+    return torch.full((batch,), value, dtype=torch.int32, device=device)
+
+
 def _constant(kind: str, batch: int, value: int, device: torch.device) -> torch.Tensor:
-    """Made once per (kind, B, value, device): a dense cache's block table (b -> page b, [B, 1]),
-    zero start rows, full lengths."""
+    """``_filled``, made once per (kind, B, value, device) for eager calls."""
     key = (kind, batch, value, device)
     if key not in _CONSTANTS:
-        if kind == "table":
-            _CONSTANTS[key] = torch.arange(batch, dtype=torch.int32, device=device).view(batch, 1)
-        else:
-            _CONSTANTS[key] = torch.full((batch,), value, dtype=torch.int32, device=device)
+        _CONSTANTS[key] = _filled(kind, batch, value, device)
     return _CONSTANTS[key]
 
 
@@ -210,20 +214,22 @@ def _kv_args(k, v, k_scale, v_scale, kv_dtype, hkv: int, device, cached: bool = 
 
 def _run(q4, k, v, block_table, cache_seqlens, cache_leftpad, out4, lse3, scale, cache_len, psl, k_scale,
          v_scale) -> None:
+    """The registered op's launch. Its defaults and workspace are the call's own, not the eager
+    calls' cached ones (``runtime.new_workspace`` says why: CUDA graphs of torch.compile)."""
     batch = q4.shape[0]
     if batch == 0:
         return
     device = q4.device
     if block_table is None:
-        block_table = _constant("table", batch, 0, device)
+        block_table = _filled("table", batch, 0, device)
     if cache_seqlens is None:
-        cache_seqlens = _constant("lengths", batch, cache_len, device)
+        cache_seqlens = _filled("lengths", batch, cache_len, device)
     if cache_leftpad is None:
-        cache_leftpad = _constant("lengths", batch, 0, device)
+        cache_leftpad = _filled("lengths", batch, 0, device)
     kv_dtype = FP8_DTYPES.get(k.dtype)
     k, v, *scales = _kv_args(k, v, k_scale, v_scale, kv_dtype, k.shape[1], device, cached=False)
     runtime.paged_launcher(q4, k.shape[1], cache_len, kv_dtype=kv_dtype)(
-        q4, k, v, block_table, cache_seqlens, cache_leftpad, out4, lse3, scale, psl, *scales)
+        q4, k, v, block_table, cache_seqlens, cache_leftpad, out4, lse3, scale, psl, *scales, fresh_workspace=True)
 
 
 @torch.library.custom_op("lean_tvm::decode_attention_paged", mutates_args=())

@@ -143,8 +143,7 @@ class Workspace:
         n, bufs = self._buffers.get(key, (0, None))
         if bufs is None or n < workers:
             n = max(workers, 1)
-            bufs = (*(torch.empty(n, *shape, device=device, dtype=torch.float32) for shape in partial_shapes),
-                    torch.zeros(n, device=device, dtype=torch.int32))
+            bufs = new_workspace(device, n, *partial_shapes)
             self._buffers[key] = n, bufs
         return bufs
 
@@ -156,6 +155,15 @@ class Workspace:
         if buf is None:
             buf = self._scratch[key] = torch.empty(shape, device=device, dtype=torch.float32)
         return buf
+
+
+def new_workspace(device: torch.device, workers: int, *partial_shapes: tuple[int, ...]):
+    """Fresh partials (fp32 [workers, *shape] per shape) and flags (int32 [workers], zero). The
+    torch ops' own (``fresh_workspace``): under CUDA graphs made by torch.compile (cudagraph trees)
+    every live tensor of the graphs' memory pool must be one the trees track, and a cached workspace
+    first allocated while they warm up or record a graph would live in the pool untracked."""
+    return (*(torch.empty(max(workers, 1), *shape, device=device, dtype=torch.float32) for shape in partial_shapes),
+            torch.zeros(max(workers, 1), device=device, dtype=torch.int32))
 
 
 def _current_stream(device: torch.device) -> int:
@@ -219,18 +227,29 @@ def _check_gemv(w, x, y) -> None:
 
 
 _LAUNCHES: dict[tuple, Callable] = {}
+_MAX_LAUNCHES = 4096  # shapes kept (a cache that grows per step, transformers' dynamic one, makes one per length)
+
+
+def _launcher(key: tuple, make: Callable[[], Callable]) -> Callable:
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        if len(_LAUNCHES) >= _MAX_LAUNCHES:
+            _LAUNCHES.clear()
+        launch = _LAUNCHES[key] = make()
+    return launch
 
 
 def launch_attention(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: float,
                      num_splits: int = STREAM_K, num_ctas: int | None = None,
-                     kernel: KernelInfo | None = None) -> None:
+                     kernel: KernelInfo | None = None, fresh_workspace: bool = False) -> None:
     """Run the kernel on already-validated tensors (q [B, Hq, D], caches [B, Hkv, L, D] views).
 
     ``num_splits == 0``: stream-K over ``num_ctas`` (default: every SM x CTAs per SM);
-    ``num_splits = S``: fixed split into S chunks per tile (1 = no split).
+    ``num_splits = S``: fixed split into S chunks per tile (1 = no split). ``fresh_workspace``:
+    see :func:`new_workspace`.
     """
     launch = attention_launcher(q, k_cache.shape[1], num_splits, num_ctas, kernel, k_cache.shape[2])
-    launch(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale)
+    launch(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale, fresh_workspace)
 
 
 def attention_launcher(q, hkv: int, num_splits: int = STREAM_K, num_ctas: int | None = None,
@@ -239,11 +258,8 @@ def attention_launcher(q, hkv: int, num_splits: int = STREAM_K, num_ctas: int | 
     heads and a cache of ``max_len`` rows. What depends only on those (kernel, workers, grid) is
     resolved once per shape, so a launch is the workspace lookup and the tvm-ffi call; callers
     that keep the launcher (``torch_ops``) skip even this lookup."""
-    key = (q.device, q.dtype, q.shape, hkv, num_splits, num_ctas, kernel, max_len)
-    launch = _LAUNCHES.get(key)
-    if launch is None:
-        launch = _LAUNCHES[key] = _make_launcher(q, hkv, num_splits, num_ctas, kernel, max_len)
-    return launch
+    return _launcher((q.device, q.dtype, q.shape, hkv, num_splits, num_ctas, kernel, max_len),
+                     lambda: _make_launcher(q, hkv, num_splits, num_ctas, kernel, max_len))
 
 
 def _make_launcher(q, hkv: int, num_splits: int, num_ctas: int | None, kernel: KernelInfo | None,
@@ -251,8 +267,8 @@ def _make_launcher(q, hkv: int, num_splits: int, num_ctas: int | None, kernel: K
     fn, workers, grid, shapes = _prepare_attention(q, hkv, num_splits, num_ctas, kernel, max_len)
     device = q.device
 
-    def launch(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: float) -> None:
-        ws_o, ws_ml, flags = WORKSPACE.get(device, workers, *shapes)
+    def launch(q, k_cache, v_cache, seq_lens, out, lse, softmax_scale: float, fresh_workspace: bool = False) -> None:
+        ws_o, ws_ml, flags = (new_workspace if fresh_workspace else WORKSPACE.get)(device, workers, *shapes)
         fn(q, k_cache, v_cache, seq_lens, out, lse, ws_o, ws_ml, flags, softmax_scale, workers, num_splits, grid)
 
     return launch
@@ -274,17 +290,14 @@ def _prepare_attention(q, hkv: int, num_splits: int, num_ctas: int | None, kerne
 
 
 def paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None = None, kv_dtype: str | None = None) -> Callable:
-    """``launch(q, k, v, block_table, seq_lens, leftpad, out, lse, scale, page_size_log2, k_scale=None,
-    v_scale=None)`` of the paged kernel for q4 [B, Sq, Hq, D]'s device, dtype and shape, ``hkv`` KV
-    heads and a cache of ``cache_len`` rows per sequence (pages x page size; a dense cache's
-    length): resolved once per shape like :func:`attention_launcher`. The pools are [P, Hkv, page,
-    D] views; with ``kv_dtype`` (an fp8 cache) they are passed as bytes (``torch.uint8`` views) and
-    k_scale, v_scale are fp32 [Hkv] tensors (any stride)."""
-    key = (q4.device, q4.dtype, q4.shape, hkv, cache_len, num_ctas, PAGED, kv_dtype)
-    launch = _LAUNCHES.get(key)
-    if launch is None:
-        launch = _LAUNCHES[key] = _make_paged_launcher(q4, hkv, cache_len, num_ctas, kv_dtype)
-    return launch
+    """``launch(q, k, v, block_table, seq_lens, leftpad, out, lse, scale, page_size_log2)`` of the
+    paged kernel for q4 [B, Sq, Hq, D]'s device, dtype and shape, ``hkv`` KV heads and a cache of
+    ``cache_len`` rows per sequence (pages x page size; a dense cache's length): resolved once per
+    shape like :func:`attention_launcher`. The pools are [P, Hkv, page, D] views. With ``kv_dtype``
+    (an fp8 cache) they are passed as bytes (``torch.uint8`` views) and the launch takes two more
+    arguments after page_size_log2, k_scale and v_scale: fp32 [Hkv] tensors (any stride)."""
+    return _launcher((q4.device, q4.dtype, q4.shape, hkv, cache_len, num_ctas, PAGED, kv_dtype),
+                     lambda: _make_paged_launcher(q4, hkv, cache_len, num_ctas, kv_dtype))
 
 
 def tile_rows(sq: int, group: int, max_group: int) -> tuple[int, int]:
@@ -313,14 +326,15 @@ def _make_paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None, kv_
     workers, grid = _workers_and_grid(q4.device, tiles, STREAM_K, num_ctas, info.ctas_per_sm)
     fn, shapes, device = lib.function(info.name), ((info.max_group, head_dim), (2, info.max_group)), q4.device
 
-    def launch(q, k, v, block_table, seq_lens, leftpad, out, lse, softmax_scale: float, page_size_log2: int) -> None:
-        ws_o, ws_ml, flags = WORKSPACE.get(device, workers, *shapes)
+    def launch(q, k, v, block_table, seq_lens, leftpad, out, lse, softmax_scale: float, page_size_log2: int,
+               fresh_workspace: bool = False) -> None:
+        ws_o, ws_ml, flags = (new_workspace if fresh_workspace else WORKSPACE.get)(device, workers, *shapes)
         fn(q, k, v, block_table, seq_lens, leftpad, out, lse, ws_o, ws_ml, flags, softmax_scale, cache_len,
            page_size_log2, workers, STREAM_K, grid)
 
     def launch_fp8(q, k, v, block_table, seq_lens, leftpad, out, lse, softmax_scale: float, page_size_log2: int,
-                   k_scale, v_scale) -> None:
-        ws_o, ws_ml, flags = WORKSPACE.get(device, workers, *shapes)
+                   k_scale, v_scale, fresh_workspace: bool = False) -> None:
+        ws_o, ws_ml, flags = (new_workspace if fresh_workspace else WORKSPACE.get)(device, workers, *shapes)
         fn(q, k, v, block_table, seq_lens, leftpad, k_scale, v_scale, out, lse, ws_o, ws_ml, flags, softmax_scale,
            cache_len, page_size_log2, workers, STREAM_K, grid)
 

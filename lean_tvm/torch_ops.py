@@ -70,20 +70,27 @@ def check_inputs(q, k_cache, v_cache, cache_seqlens, softmax_scale, layout, out,
     return q3, k, v, scale, out3
 
 
+def _whole_cache_lengths(batch: int, cache_len: int, device: torch.device) -> torch.Tensor:
+    """The default ``cache_seqlens``: all L, int32 [B]."""
+    return torch.full((batch,), cache_len, dtype=torch.int32, device=device)
+
+
 def _full_lengths(batch: int, cache_len: int, device: torch.device) -> torch.Tensor:
-    """The default ``cache_seqlens`` (all L), made once per (device, B, L)."""
+    """``_whole_cache_lengths``, made once per (device, B, L) for eager calls."""
     key = (device, batch, cache_len)
     if key not in _FULL_LENGTHS:
-        _FULL_LENGTHS[key] = torch.full((batch,), cache_len, dtype=torch.int32, device=device)
+        _FULL_LENGTHS[key] = _whole_cache_lengths(batch, cache_len, device)
     return _FULL_LENGTHS[key]
 
 
 def _run(q, k, v, cache_seqlens, softmax_scale, out, lse) -> None:
+    """The registered ops' launch. Its default lengths and workspace are the call's own, not the
+    eager calls' cached ones (``runtime.new_workspace`` says why: CUDA graphs of torch.compile)."""
     if q.shape[0] == 0:  # an empty batch: nothing to launch
         return
     if cache_seqlens is None:
-        cache_seqlens = _full_lengths(q.shape[0], k.shape[2], q.device)
-    runtime.launch_attention(q, k, v, cache_seqlens, out, lse, softmax_scale)
+        cache_seqlens = _whole_cache_lengths(q.shape[0], k.shape[2], q.device)
+    runtime.launch_attention(q, k, v, cache_seqlens, out, lse, softmax_scale, fresh_workspace=True)
 
 
 def _allocate_and_run(q, k, v, cache_seqlens, softmax_scale):

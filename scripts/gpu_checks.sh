@@ -4,12 +4,16 @@
 #   python -m lean_tvm.build --arch sm_90a --out build/sm_90a
 #   python -m lean_tvm.bench.libraries --arch sm_90a --out build/sm_90a [--with-tvm-peer]),
 # the tvm-ffi wheel in .whl/ (see ../shared/docs/GPU_RUNTIME.md). Logs go to ${OUT:-gpu_out}/.
-# Usage: bash scripts/gpu_checks.sh [tests] [fp8] [sanitize] [llama] [host] [bench] [tune] [relax] [paged] [segment_sum]
+# Usage: bash scripts/gpu_checks.sh [tests] [fp8] [sanitize] [llama] [host] [bench] [tune] [relax] [paged]
+#                                   [segment_sum] [hf] [hfbench]
 # (bench wants the peers: FlashInfer in .gpu/fi (../shared/tools/flashinfer_payload.sh .gpu/fi) and
 #  FA3 in .gpu/fa3 (../shared/tools/fa3_payload.sh .gpu/fa3); BENCH_ARGS default --quick;
 #  relax and paged need build/relax_gpu: python scripts/build_relax_gpu.py;
 #  segment_sum, the stream-K rule's third operator, needs build/segment_sum:
-#  python tests/segment_sum.py build --arch sm_90a --out build/segment_sum, and the yardstick)
+#  python tests/segment_sum.py build --arch sm_90a --out build/segment_sum, and the yardstick;
+#  hf and hfbench need transformers 5.17+ on the machine, HF_TESTS selects tests (pytest -k), HF_BENCH_ARGS
+#  part of the generate() grid, e.g. "--models llama3-8b --prompts 4096"; SNAPSHOT=FILE tars the logs after
+#  every step, so that a call cut short keeps what ran)
 set -u
 out=${OUT:-gpu_out}; mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
@@ -38,7 +42,12 @@ for step in "$@"; do
         tests/test_segment_sum_gpu.py 2>&1 | tee "$out/segment_sum_tests.txt" | tail -5
       timeout 400 python3 tests/segment_sum.py bench --lib build/segment_sum --yardstick "$LEAN_TVM_LIB_DIR" 2>&1 \
         | tee "$out/segment_sum_bench.txt" | tail -20 ;;
+    hf) timeout 590 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_transformers.py ${HF_TESTS:+-k "$HF_TESTS"} 2>&1 \
+          | tee "$out/hf_tests.txt" | tail -15 ;;
+    hfbench) timeout 590 python3 -m lean_tvm.bench.hf_generate --out "$out/hf_generate" ${HF_BENCH_ARGS:-} 2>&1 \
+          | tee -a "$out/hf_generate.txt" | tail -30 ;;
     relax|paged) PYTHONPATH=$PYTHONPATH:$PWD/build/relax_gpu/site:$PWD/build/relax_gpu timeout 400 \
             python3 scripts/${step}_gpu.py 2>&1 | tee "$out/${step}_gpu.txt" | tail -30 ;;
   esac
+  [ -n "${SNAPSHOT:-}" ] && tar cf "$SNAPSHOT" -C "$out" .
 done

@@ -145,3 +145,15 @@ def test_launcher_sizes_the_workers_from_the_cache_length(monkeypatch):
         o, lse = torch.empty_like(q), torch.empty(1, 8)
         runtime.launch_attention(q, k, v, lens, o, lse, 0.125, num_ctas=ctas)
         assert_attention_close(o, lse, ref_o, ref_lse, torch.float16)
+
+
+def test_launchers_of_a_cache_that_grows_every_step_stay_bounded(monkeypatch):
+    """A cache one row longer per step (transformers' dynamic cache) makes a launcher per length:
+    the cache of launchers is emptied when full instead of growing with the generation."""
+    monkeypatch.setattr(runtime, "_LAUNCHES", {})
+    monkeypatch.setattr(runtime, "_MAX_LAUNCHES", 3)
+    q = torch.randn(1, 8, 64).half()
+    for length in range(10, 20):
+        runtime.attention_launcher(q, 2, max_len=length)
+        runtime.paged_launcher(q.unsqueeze(1), 2, length)
+        assert len(runtime._LAUNCHES) <= 3

@@ -1,6 +1,7 @@
 """The package's house rules, read from the source (imports inside functions included): no import
 circle, no import that runs back up a layer, a run half that never reaches the build modules or a
-third-party package beyond torch, numpy and tvm-ffi, and a product that never imports its benchmark."""
+third-party package beyond torch, numpy and tvm-ffi, a product that never imports its benchmark, and
+integrations (optional extras: transformers) that nothing else imports."""
 
 import ast
 import subprocess
@@ -23,12 +24,16 @@ LAYERS = [
     ["lean_tvm.build", "lean_tvm.torch_ops"],
     ["lean_tvm.relax.rewrite", "lean_tvm.relax.kv_cache", "lean_tvm.relax.streamk_pass", "lean_tvm.distributed"],
     ["lean_tvm.relax", "lean_tvm"],
+    ["lean_tvm.integrations", "lean_tvm.integrations.transformers.rows", "lean_tvm.integrations.transformers.report"],
+    ["lean_tvm.integrations.transformers.mask", "lean_tvm.integrations.transformers.attention"],
+    ["lean_tvm.integrations.transformers"],
     ["lean_tvm.bench.grid", "lean_tvm.bench.timing", "lean_tvm.bench.yardstick"],
     ["lean_tvm.bench.report", "lean_tvm.bench.tvm_peer"],
     ["lean_tvm.bench.libraries"],
     ["lean_tvm.bench.systems"],
     ["lean_tvm.bench.suite"],
-    ["lean_tvm.bench.targets", "lean_tvm.bench.ncu", "lean_tvm.bench.tune", "lean_tvm.bench"],
+    ["lean_tvm.bench.targets", "lean_tvm.bench.ncu", "lean_tvm.bench.tune", "lean_tvm.bench.hf_generate",
+     "lean_tvm.bench"],
     ["lean_tvm.bench.__main__"],
 ]
 RUN_HALF = {"lean_tvm", "lean_tvm.spec", "lean_tvm.softmax", "lean_tvm.library", "lean_tvm.plan",
@@ -165,15 +170,23 @@ def test_the_product_never_imports_its_benchmark(graph):
     assert not bad, bad
 
 
+def test_the_product_never_imports_the_integrations_or_transformers(graph):
+    """An integration is an optional extra: the package works without it and without transformers
+    (the benchmark, which is not the product, measures it)."""
+    bad = [(m, t) for m, ts in graph.items() if not m.startswith(("lean_tvm.integrations", "lean_tvm.bench"))
+           for t in ts if t.startswith("lean_tvm.integrations") or t == "transformers"]
+    assert not bad, bad
+
+
 def test_the_import_reader_sees_imports_inside_functions():
     known = set(modules())
     got = imports_of("lean_tvm.bench.tune", ROOT / "bench" / "tune.py", known)
     assert {"lean_tvm.build", "lean_tvm.attention_gpu", "lean_tvm.runtime"} <= got  # all inside functions
 
 
-def test_import_lean_tvm_without_apache_tvm():
+def test_import_lean_tvm_without_apache_tvm_or_transformers():
     """A serving box with torch and tvm-ffi only: the package and its run half import."""
-    code = ("import sys; sys.modules['tvm'] = None\n"
+    code = ("import sys; sys.modules['tvm'] = None; sys.modules['transformers'] = None\n"
             "import lean_tvm, lean_tvm.runtime, lean_tvm.torch_ops, lean_tvm.distributed, lean_tvm.merge\n"
             "assert 'tvm' not in [m for m in sys.modules if sys.modules[m] is not None and m.split('.')[0] == 'tvm']\n"
             "print('ok')")

@@ -138,3 +138,25 @@ def test_start_rows_past_the_length_are_rejected_when_checked():
     with pytest.raises(ValueError, match="cache_seqlens"):
         lean_tvm.decode_attention(q, k, k, torch.tensor([10, 40], dtype=torch.int32),
                                   cache_leftpad=torch.tensor([11, 0], dtype=torch.int32))
+
+
+def test_the_registered_ops_keep_nothing_between_calls(monkeypatch):
+    """What torch.compile calls (the registered ops) allocates its workspace and default tensors per
+    call: under CUDA graphs of torch.compile a cached tensor first made while a graph is warmed up
+    or recorded would live untracked in the graphs' memory pool. The eager calls keep theirs."""
+    from lean_tvm import paged_ops, runtime, torch_ops
+
+    monkeypatch.setattr(runtime.WORKSPACE, "_buffers", {})
+    monkeypatch.setattr(paged_ops, "_CONSTANTS", {})
+    monkeypatch.setattr(torch_ops, "_FULL_LENGTHS", {})
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 2, 8, 64, generator=g).half()  # 2 tokens per sequence
+    kv = torch.randn(2, 2, 40, 64, generator=g).half()
+    paged, _ = torch.ops.lean_tvm.decode_attention_paged(q, kv, kv, None, None, None, 0.125, 40,
+                                                         runtime.DENSE_PAGE_LOG2)
+    dense, _ = torch.ops.lean_tvm.decode_attention(q[:, 1], kv, kv, None, 0.125)
+    assert not runtime.WORKSPACE._buffers and not paged_ops._CONSTANTS and not torch_ops._FULL_LENGTHS
+    eager = lean_tvm.decode_attention(q[:, 1], kv, kv)  # the last token sees the whole cache
+    torch.testing.assert_close(paged[:, 1], eager, atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(dense, eager, atol=2e-3, rtol=1e-2)
+    assert runtime.WORKSPACE._buffers and torch_ops._FULL_LENGTHS  # the eager calls cache theirs
