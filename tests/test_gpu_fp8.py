@@ -116,8 +116,11 @@ def test_graph_replay_follows_scales_and_lengths_changed_in_place():
     with torch.cuda.graph(graph):
         lean_tvm.decode_attention(q, k8, v8, lens, block_table=table, layout="blhd", out=out, k_scale=k_scale,
                                   v_scale=2.0)
-    for new_lens, ks in (([3000, 700], 0.5), ([600, 2900], 4.0), ([704, 0], 1e-2)):
+    # rows hold 188 and 44 pages: after the swap sequence 0 can hold 704 rows, sequence 1 3008
+    for new_lens, ks, swap in (([3000, 700], 0.5, False), ([600, 2900], 4.0, True), ([704, 0], 1e-2, False)):
         lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        if swap:  # the sequences trade pages: a new table in place
+            table.copy_(table.flip(0))
         k_scale.fill_(ks)
         graph.replay()
         torch.cuda.synchronize()
