@@ -148,6 +148,12 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
                 16, T.Select(ok, T.uint32(16), T.uint32(0)))
 
     @T.macro
+    def mma_into(c, x, a, b0, b1):
+        """c[x:x + 4] += A B: one m16n8k16 tensor-core step, A in the 4 registers of ``a``."""
+        T.ptx[mma](c[x], c[x + 1], c[x + 2], c[x + 3], a[0], a[1], a[2], a[3], b0, b1, c[x], c[x + 1], c[x + 2],
+                   c[x + 3])
+
+    @T.macro
     def qk_fp8(bufs, stage, mt):
         """S^T of kv tile mt from fp8 K: one ldmatrix.x4 of bytes covers 32 d (two k-steps): words
         r0, r1 = rows g, g + 8 at d 4t..4t+3, r2, r3 the same 16 d on; lo/hi widen their pairs."""
@@ -165,10 +171,7 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
                 for nn in T.unroll(NN):
                     x = T.meta_var((mt * NN + nn) * 4)
                     kk = T.meta_var(c * 2 + p)
-                    T.ptx[mma](bufs.sc[x], bufs.sc[x + 1], bufs.sc[x + 2], bufs.sc[x + 3],
-                               bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
-                               bufs.qw[(nn * KS + kk) * 2], bufs.qw[(nn * KS + kk) * 2 + 1],
-                               bufs.sc[x], bufs.sc[x + 1], bufs.sc[x + 2], bufs.sc[x + 3])
+                    mma_into(bufs.sc, x, bufs.af, bufs.qw[(nn * KS + kk) * 2], bufs.qw[(nn * KS + kk) * 2 + 1])
 
     @T.macro
     def pv_half(bufs, mt, c, p, which):
@@ -177,10 +180,7 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
             bufs.af[q] = kv_fp8.widen_pair(spec.kv_dtype, which, bufs.fr[q])
         for nn in T.unroll(NN):
             x = T.meta_var((nn * KS + c * 2 + p) * 4)
-            T.ptx[mma](bufs.acc[x], bufs.acc[x + 1], bufs.acc[x + 2], bufs.acc[x + 3],
-                       bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
-                       bufs.pb[(mt * NN + nn) * 2], bufs.pb[(mt * NN + nn) * 2 + 1],
-                       bufs.acc[x], bufs.acc[x + 1], bufs.acc[x + 2], bufs.acc[x + 3])
+            mma_into(bufs.acc, x, bufs.af, bufs.pb[(mt * NN + nn) * 2], bufs.pb[(mt * NN + nn) * 2 + 1])
 
     @T.macro
     def pv_fp8(bufs, stage, mt):
@@ -214,10 +214,7 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
                                                     kk * 2 + T.truncdiv(lane, 16))]))
                     for nn in T.unroll(NN):
                         x = T.meta_var((mt * NN + nn) * 4)
-                        T.ptx[mma](bufs.sc[x], bufs.sc[x + 1], bufs.sc[x + 2], bufs.sc[x + 3],
-                                   bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
-                                   bufs.qw[(nn * KS + kk) * 2], bufs.qw[(nn * KS + kk) * 2 + 1],
-                                   bufs.sc[x], bufs.sc[x + 1], bufs.sc[x + 2], bufs.sc[x + 3])
+                        mma_into(bufs.sc, x, bufs.af, bufs.qw[(nn * KS + kk) * 2], bufs.qw[(nn * KS + kk) * 2 + 1])
         # Mask rows past the length (by min, not a branch: see merge_some), scale into log2. The
         # paged form's query i sees Sq - 1 - i rows fewer (qoff of the lane's columns 2t, 2t + 1).
         for mt in T.unroll(NM):
@@ -270,10 +267,7 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
                                                     kk * 2 + T.truncmod(T.truncdiv(lane, 8), 2))]))
                     for nn in T.unroll(NN):
                         x = T.meta_var((nn * KS + kk) * 4)
-                        T.ptx[mma](bufs.acc[x], bufs.acc[x + 1], bufs.acc[x + 2], bufs.acc[x + 3],
-                                   bufs.af[0], bufs.af[1], bufs.af[2], bufs.af[3],
-                                   bufs.pb[(mt * NN + nn) * 2], bufs.pb[(mt * NN + nn) * 2 + 1],
-                                   bufs.acc[x], bufs.acc[x + 1], bufs.acc[x + 2], bufs.acc[x + 3])
+                        mma_into(bufs.acc, x, bufs.af, bufs.pb[(mt * NN + nn) * 2], bufs.pb[(mt * NN + nn) * 2 + 1])
 
     @T.macro
     def combine(bufs):
