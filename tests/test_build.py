@@ -18,11 +18,11 @@ from lean_tvm.spec import AttentionSpec  # noqa: E402
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 
 
-@pytest.fixture(scope="module", params=["sm_90a", "sm_80"])
+@pytest.fixture(scope="module", params=["sm_90a", pytest.param("sm_80", marks=pytest.mark.slow)])
 def built(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     specs = [AttentionSpec("float16", 128, 8), AttentionSpec("bfloat16", 64, 16)]
-    manifest = build.build_cuda(request.param, str(out), specs)
+    manifest = build.build_cuda(request.param, str(out), specs, kv_dtypes=("float8_e4m3fn",))
     return request.param, out, manifest
 
 
@@ -44,6 +44,15 @@ def test_library_and_manifest_are_written(built):
         assert {k["variant"] for k in manifest["kernels"] if k["op"] == "decode_attention"} == {"plain", "batch"}
     assert ("lean_attention_float16_d128_g8_batch" in names) == (arch == "sm_90a")
     assert "lean_attention_bfloat16_d64_g16_batch" not in names
+    fp8 = {k["name"]: k for k in manifest["kernels"] if k.get("kv_dtype")}
+    if arch in build.FP8_ARCHS:  # an fp8 paged kernel per spec, without spills, its variant from the record
+        assert set(fp8) == {"lean_attention_float16_d128_g8_kv_e4m3_paged",
+                            "lean_attention_float16_d128_g8_kv_e4m3_paged_batch",
+                            "lean_attention_bfloat16_d64_g16_kv_e4m3_paged"}
+        assert all(k["form"] == "paged" and k["kv_dtype"] == "float8_e4m3fn" for k in fp8.values())
+        assert not any(k["resources"].get("spill_bytes") for k in fp8.values())
+    else:  # no cvt.rn.f16x2.e4m3x2 before sm_89
+        assert not fp8
 
 
 @needs_nvcc
