@@ -289,15 +289,17 @@ def _prepare_attention(q, hkv: int, num_splits: int, num_ctas: int | None, kerne
     return lib.function(info.name), workers, grid, ((info.max_group, head_dim), (2, info.max_group))
 
 
-def paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None = None, kv_dtype: str | None = None) -> Callable:
+def paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None = None, kv_dtype: str | None = None,
+                   kernel: KernelInfo | None = None) -> Callable:
     """``launch(q, k, v, block_table, seq_lens, leftpad, out, lse, scale, page_size_log2)`` of the
     paged kernel for q4 [B, Sq, Hq, D]'s device, dtype and shape, ``hkv`` KV heads and a cache of
     ``cache_len`` rows per sequence (pages x page size; a dense cache's length): resolved once per
     shape like :func:`attention_launcher`. The pools are [P, Hkv, page, D] views. With ``kv_dtype``
     (an fp8 cache) they are passed as bytes (``torch.uint8`` views) and the launch takes two more
-    arguments after page_size_log2, k_scale and v_scale: fp32 [Hkv] tensors (any stride)."""
-    return _launcher((q4.device, q4.dtype, q4.shape, hkv, cache_len, num_ctas, PAGED, kv_dtype),
-                     lambda: _make_paged_launcher(q4, hkv, cache_len, num_ctas, kv_dtype))
+    arguments after page_size_log2, k_scale and v_scale: fp32 [Hkv] tensors (any stride).
+    ``kernel``: this kernel of the library instead of the one the shape selects (the tuner's)."""
+    return _launcher((q4.device, q4.dtype, q4.shape, hkv, cache_len, num_ctas, PAGED, kv_dtype, kernel),
+                     lambda: _make_paged_launcher(q4, hkv, cache_len, num_ctas, kv_dtype, kernel))
 
 
 def tile_rows(sq: int, group: int, max_group: int) -> tuple[int, int]:
@@ -307,7 +309,8 @@ def tile_rows(sq: int, group: int, max_group: int) -> tuple[int, int]:
     return rows, -(-sq * group // rows)
 
 
-def _make_paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None, kv_dtype: str | None) -> Callable:
+def _make_paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None, kv_dtype: str | None,
+                         kernel: KernelInfo | None) -> Callable:
     lib = library_for(q4.device)
     batch, sq, hq, head_dim = q4.shape
     dtype = str(q4.dtype).removeprefix("torch.")
@@ -315,7 +318,7 @@ def _make_paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None, kv_
               if (k.dtype, k.head_dim, k.form, k.kv_dtype) == (dtype, head_dim, PAGED, kv_dtype)]
     group = min(sq * (hq // hkv), max(groups, default=0))
     tiles = batch * hkv * tile_rows(sq, hq // hkv, max(groups, default=1))[1]
-    info = lib.attention_kernel(dtype, head_dim, group, tiles, PAGED, kv_dtype)
+    info = kernel or lib.attention_kernel(dtype, head_dim, group, tiles, PAGED, kv_dtype)
     if info is None:
         cache = f", a {kv_dtype} cache (fp8 kernels need sm_89 or newer)" if kv_dtype else ""
         raise ValueError(f"no paged kernel in {lib.path} for {q4.dtype}, head dim {head_dim}{cache} (it has: "

@@ -37,8 +37,10 @@ METRICS = [
     "launch__grid_size",
     "launch__registers_per_thread",
     "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio",
+    "regex:sm__inst_executed_pipe_[a-z0-9_]+\\.avg\\.pct_of_peak_sustained_active",
 ]
 STALL_PREFIX, STALL_SUFFIX = "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio"
+PIPE_PREFIX, PIPE_SUFFIX = "sm__inst_executed_pipe_", ".avg.pct_of_peak_sustained_active"
 MARKER = "spin_kernel"  # torch.cuda._sleep's kernel: launched first in every profiled region
 
 
@@ -50,10 +52,10 @@ def child(args) -> None:
 
     from . import suite, timing
     from . import systems as sy
-    from .grid import full_grid, select_shapes
+    from .grid import fp8_grid, full_grid, select_shapes
 
     dev = torch.device("cuda")
-    grid = select_shapes(full_grid(), args.shapes)
+    grid = select_shapes(full_grid() + fp8_grid(), args.shapes)
     systems = suite.parse_systems(args.only)
     b = suite.Bench(dev, systems, reps=1, rounds=1, seed=args.seed)
     cudart = torch.cuda.cudart()
@@ -128,6 +130,9 @@ def summarize(labelled: list[tuple[str, dict]], top: int = 4) -> list[dict]:
         stalls.pop("selected", None)
         total = sum(v for v in stalls.values() if v == v) or float("nan")
         worst = sorted(stalls.items(), key=lambda kv: -kv[1])[:top]
+        pipes = {m[len(PIPE_PREFIX):-len(PIPE_SUFFIX)]: num(v) for m, v in k.items()
+                 if m.startswith(PIPE_PREFIX) and m.endswith(PIPE_SUFFIX)}
+        busiest = sorted(((n, v) for n, v in pipes.items() if v == v), key=lambda kv: -kv[1])[:top]
         out.append({
             "call": what,
             "kernel": k.get("Kernel Name", "")[:60],
@@ -137,13 +142,14 @@ def summarize(labelled: list[tuple[str, dict]], top: int = 4) -> list[dict]:
             "grid": k.get("launch__grid_size", ""),
             "regs": k.get("launch__registers_per_thread", ""),
             "stalls": ", ".join(f"{n} {100 * v / total:.0f}%" for n, v in worst),
+            "pipes": ", ".join(f"{n} {v:.0f}%" for n, v in busiest),
         })
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m lean_tvm.bench.ncu", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", help="regex over the suite's shape names (the full grid)")
+    ap.add_argument("--shapes", help="regex over the suite's shape names (the full and the fp8 grids)")
     ap.add_argument("--only", default="lean,flashinfer,flashinfer-tc,cudnn,fa3", help="systems, as in the suite")
     ap.add_argument("--out", required=True, help="folder for ncu_raw.csv and ncu_summary.md")
     ap.add_argument("--summary-only", action="store_true", help="rewrite --out's ncu_summary.md from its "
@@ -188,9 +194,10 @@ def main() -> None:
 def write_summary(labelled: list[tuple[str, dict]], out: Path) -> None:
     rows = summarize(labelled)
     lines = ["| shape | system | kernel | us | DRAM % of peak | DRAM MB read | grid | regs | top stall reasons "
-             "(share of stalled warp-issue slots) |", "|---|---|---|---|---|---|---|---|---|"]
+             "(share of stalled warp-issue slots) | busiest pipes (% of peak issue) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['call']} | `{r['kernel']}` | {r['us']:.1f} | {r['dram_pct']:.0f} | {r['dram_mb']:.1f} | "
-              f"{r['grid']} | {r['regs']} | {r['stalls']} |" for r in rows]
+              f"{r['grid']} | {r['regs']} | {r['stalls']} | {r['pipes'] or 'n/a'} |" for r in rows]
     (out / "ncu_summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -7,9 +7,11 @@ Three steps, so that the GPU machine needs neither TVM nor nvcc:
     python -m lean_tvm.bench.tune select  tune.json --lib build/tune_sm_90a       # writes the record
 
 ``build`` compiles every candidate that fits the arch's shared memory (rows per warp step,
-warps, pipeline stages, CTAs per SM) into one library; ``measure`` times each on a set of
-shape classes (small / medium / long context, a batch, a ragged batch); ``select`` keeps, per
-kernel, the candidate with the best geometric mean of (time / best time of that shape).
+warps, pipeline stages, CTAs per SM; for fp8 caches (``--kv-dtypes``) also how the bytes widen)
+into one library; ``measure`` times each on a set of shape classes (small / medium / long
+context, a batch, a ragged batch) and checks its output against a float32 reference; ``select``
+keeps, per kernel, the correct candidate with the best geometric mean of (time / best time of
+that shape).
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ CANDIDATES = (
     GpuKnobs(rows_per_warp=16, num_warps=4, stages=2, ctas_per_sm=2),
     GpuKnobs(rows_per_warp=16, num_warps=4, stages=8),
 )
+# fp8 caches (the paged kernel): a stage holds half the bytes, and the bytes' widening competes
+# with the mma for issue slots, so more stages and both widening ways.
+FP8_CANDIDATES = tuple(
+    GpuKnobs(rows_per_warp=rw, num_warps=w, stages=st, ctas_per_sm=c, fp8_widen=way)
+    for rw, w, st, c in ((16, 8, 4, 1), (16, 4, 4, 2), (32, 8, 2, 1), (32, 4, 2, 2), (16, 8, 6, 1))
+    for way in ("cvt", "alu", "split"))
 # (name, batch, Hq, Hkv, lengths): the shape classes a schedule must serve.
 SHAPES = (
     ("B1 L4k", 1, 32, 8, [4096]),
@@ -53,19 +61,23 @@ def candidate_name(spec: AttentionSpec, knobs: GpuKnobs) -> str:
 
 
 def build(arch: str, out_dir: str, specs: Sequence[AttentionSpec]) -> None:
+    """Every fitting candidate of every spec: the dense kernel for 16-bit caches, the paged one
+    (which serves dense fp8 caches) for a spec with a ``kv_dtype``."""
     from .. import build as builder
-    from ..attention_gpu import make_gpu_kernel
-    from ..library import ATTENTION_OP
+    from ..attention_gpu import make_gpu_kernel, make_gpu_paged_kernel
+    from ..library import ATTENTION_OP, DENSE, PAGED
     from ..schedule_records import fits
 
     funcs, kernels = {}, []
     for spec in specs:
-        for knobs in CANDIDATES:
+        for knobs in FP8_CANDIDATES if spec.kv_dtype else CANDIDATES:
             if not fits(knobs, spec, arch):
                 continue
             name = candidate_name(spec, knobs)
-            funcs[name] = make_gpu_kernel(spec, knobs, name=name)
-            kernels.append({"name": name, "op": ATTENTION_OP, "dtype": spec.dtype,
+            make = make_gpu_paged_kernel if spec.kv_dtype else make_gpu_kernel
+            funcs[name] = make(spec, knobs, name=name)
+            kernels.append({"name": name, "op": ATTENTION_OP, "form": PAGED if spec.kv_dtype else DENSE,
+                            "dtype": spec.dtype, "kv_dtype": spec.kv_dtype,
                             "head_dim": spec.head_dim, "max_group": spec.max_group,
                             "knobs": dataclasses.asdict(knobs), "block_size": knobs.block_size})
             print(f"[lean_tvm.bench.tune] candidate {name}", flush=True)
@@ -78,7 +90,9 @@ def _shape_group(spec_max_group: int) -> int:
 
 def measure(lib_dir: str, out_path: str, reps: int = 10, rounds: int = 3) -> dict:
     """Every candidate on every shape class, the candidates of a kernel family timed in interleaved
-    rounds (``timing.interleaved``) so that a slow minute of the GPU hits all of them alike."""
+    rounds (``timing.interleaved``) so that a slow minute of the GPU hits all of them alike; each
+    candidate's output is then compared with a float32 reference (``max_err``, relative to the
+    largest output), so that ``select`` never keeps a fast wrong kernel."""
     import torch
 
     from .. import runtime
@@ -93,29 +107,85 @@ def measure(lib_dir: str, out_path: str, reps: int = 10, rounds: int = 3) -> dic
                "date": time.strftime("%Y-%m-%d"), "rounds": rounds, "reps": reps, "times": []}
     groups: dict[tuple, list] = {}
     for k in lib.kernels:
-        groups.setdefault((k.dtype, k.head_dim, k.max_group), []).append(k)
-    for (dtype, head_dim, max_group), kernels in groups.items():
+        groups.setdefault((k.dtype, k.kv_dtype, k.head_dim, k.max_group), []).append(k)
+    for (dtype, kv_dtype, head_dim, max_group), kernels in groups.items():
         g = _shape_group(max_group)
         for shape, batch, hq, hkv, lens in SHAPES:
-            hq = hkv * g
-            tdt = getattr(torch, dtype)
-            k_cache = torch.randn(batch, hkv, max(lens), head_dim, device=dev, dtype=tdt)
-            v_cache = torch.randn_like(k_cache)
-            q = torch.randn(batch, hq, head_dim, device=dev, dtype=tdt)
-            lens_t = torch.tensor(lens, dtype=torch.int32, device=dev)
-            out = torch.empty_like(q)
-            lse = torch.empty(batch, hq, device=dev)
-            args = (q, k_cache, v_cache, lens_t, out, lse, 1 / math.sqrt(head_dim))
-            calls = {info.name: (_launch(args, info), contextlib.nullcontext) for info in kernels}
+            case = _Case(dev, dtype, kv_dtype, batch, hkv * g, hkv, head_dim, lens)
+            calls = {info.name: (case.launch(info), contextlib.nullcontext) for info in kernels}
             for name, st in interleaved(timer, calls, rounds, reps).items():
-                results["times"].append({"kernel": name, "dtype": dtype, "head_dim": head_dim,
-                                         "max_group": max_group, "shape": shape, "us": st.median,
-                                         "round_lo_us": st.round_lo, "round_hi_us": st.round_hi})
-                print(f"{name:60s} {shape:22s} {st.median:8.1f} us [{st.round_lo:.1f}-{st.round_hi:.1f}]", flush=True)
-            del args, k_cache, v_cache
+                calls[name][0]()
+                err = case.error()
+                results["times"].append({"kernel": name, "dtype": dtype, "kv_dtype": kv_dtype,
+                                         "head_dim": head_dim, "max_group": max_group, "shape": shape,
+                                         "us": st.median, "round_lo_us": st.round_lo, "round_hi_us": st.round_hi,
+                                         "max_err": err})
+                print(f"{name:60s} {shape:22s} {st.median:8.1f} us [{st.round_lo:.1f}-{st.round_hi:.1f}] "
+                      f"err {err:.1e}", flush=True)
+            del case, calls
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
     return results
+
+
+MAX_ERR = 2e-2  # a candidate's output error (relative to the largest output) past which it is wrong
+
+
+class _Case:
+    """One shape's inputs (a 16-bit [B, Hkv, L, D] cache, or an fp8 one with per-head scales served
+    by the paged kernel as one page per sequence), its float32 reference and its launches."""
+
+    def __init__(self, dev, dtype: str, kv_dtype: str | None, batch: int, hq: int, hkv: int, head_dim: int,
+                 lens: list[int]):
+        import torch
+
+        tdt = getattr(torch, dtype)
+        shape = (batch, hkv, max(lens), head_dim)
+        self.k = torch.randn(shape, device=dev, dtype=tdt)
+        self.v = torch.randn(shape, device=dev, dtype=tdt)
+        self.kv_dtype, self.scale = kv_dtype, 1 / math.sqrt(head_dim)
+        if kv_dtype:
+            fp8 = getattr(torch, kv_dtype)
+            self.k, self.v = self.k.to(fp8), self.v.to(fp8)
+            self.scales = [torch.linspace(0.5, 2.0, hkv, device=dev) * s for s in (1.0, 0.25)]
+        self.q = torch.randn(batch, 1, hq, head_dim, device=dev, dtype=tdt)
+        self.lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+        self.out = torch.empty_like(self.q)
+        self.lse = torch.empty(batch, 1, hq, device=dev)
+        self.ref = self._reference(lens)
+
+    def _reference(self, lens: list[int]):
+        import torch
+
+        k, v = self.k.float(), self.v.float()
+        if self.kv_dtype:
+            k, v = k * self.scales[0][:, None, None], v * self.scales[1][:, None, None]
+        batch, _, hq, d = self.q.shape
+        hkv = k.shape[1]
+        q = self.q.float().view(batch, hkv, hq // hkv, d)
+        ref = torch.empty(batch, hkv, hq // hkv, d, device=q.device)
+        for b, n in enumerate(lens):
+            p = torch.softmax(q[b] @ k[b, :, :n].transpose(1, 2) * self.scale, dim=-1)
+            ref[b] = p @ v[b, :, :n]
+        return ref.view(batch, 1, hq, d)
+
+    def launch(self, info):
+        from .. import runtime
+
+        batch, hkv, cache_len = self.k.shape[0], self.k.shape[1], self.k.shape[2]
+        if not self.kv_dtype:
+            q3, o3, lse2 = self.q[:, 0], self.out[:, 0], self.lse[:, 0]
+            return lambda: runtime.launch_attention(q3, self.k, self.v, self.lens, o3, lse2, self.scale, kernel=info)
+        import torch
+
+        table = torch.arange(batch, dtype=torch.int32, device=self.q.device).view(batch, 1)
+        start = torch.zeros_like(self.lens)
+        k8, v8 = self.k.view(torch.uint8), self.v.view(torch.uint8)
+        fn = runtime.paged_launcher(self.q, hkv, cache_len, kv_dtype=self.kv_dtype, kernel=info)
+        return lambda: fn(self.q, k8, v8, table, self.lens, start, self.out, self.lse, self.scale, 30, *self.scales)
+
+    def error(self) -> float:
+        return float((self.out.float() - self.ref).abs().max() / self.ref.abs().max())
 
 
 def _pick(cands: dict[str, dict[str, float]], best: dict[str, float], current: dict | None, knobs_of: dict) -> str:
@@ -129,7 +199,7 @@ def _pick(cands: dict[str, dict[str, float]], best: dict[str, float], current: d
 
 def _same_knobs(a: dict, b: dict) -> bool:
     fields = ("rows_per_warp", "num_warps", "stages", "ctas_per_sm")
-    return all(a.get(f) == b.get(f) for f in fields)
+    return all(a.get(f) == b.get(f) for f in fields) and a.get("fp8_widen", "cvt") == b.get("fp8_widen", "cvt")
 
 
 def _launch(args: tuple, info):
@@ -156,17 +226,20 @@ def select(results: dict, manifest: dict, current: list[dict] = ()) -> list[dict
 
     many = {name for name, batch, _, hkv, _ in SHAPES if batch * hkv >= BATCH_VARIANT_TILES}
     knobs_of = {k["name"]: k["knobs"] for k in manifest["kernels"] if k["op"] == "decode_attention"}
+    wrong = {r["kernel"] for r in results["times"] if not r.get("max_err", 0) <= MAX_ERR}
     by_family: dict[tuple, dict[str, dict[str, float]]] = {}
     for r in results["times"]:
-        fam = (r["dtype"], r["head_dim"], r["max_group"])
-        by_family.setdefault(fam, {}).setdefault(r["kernel"], {})[r["shape"]] = r["us"]
+        if r["kernel"] not in wrong:
+            fam = (r["dtype"], r.get("kv_dtype"), r["head_dim"], r["max_group"])
+            by_family.setdefault(fam, {}).setdefault(r["kernel"], {})[r["shape"]] = r["us"]
     records = []
-    for (dtype, head_dim, max_group), cands in by_family.items():
+    for (dtype, kv_dtype, head_dim, max_group), cands in by_family.items():
         shapes = set.intersection(*(set(v) for v in cands.values()))
         best = {s: min(c[s] for c in cands.values()) for s in shapes}
         few = {s: t for s, t in best.items() if s not in many}
-        spec = AttentionSpec(dtype, head_dim, max_group)
-        now = next((r for r in current if r.get("head_dim") == head_dim and r.get("max_group") == max_group), {})
+        spec = AttentionSpec(dtype, head_dim, max_group, kv_dtype=kv_dtype)
+        now = next((r for r in current if (r.get("head_dim"), r.get("max_group"), r.get("kv_dtype"))
+                    == (head_dim, max_group, kv_dtype)), {})
         name = _pick(cands, few, now.get("knobs"), knobs_of)
         extra = {}
         if few != best:
@@ -193,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--dtypes", default="float16", help="the knobs serve every dtype; tune one")
     b.add_argument("--head-dims", default="64,128,256")
     b.add_argument("--max-groups", default="8,16")
+    b.add_argument("--kv-dtypes", default="", help="also fp8 caches' paged kernels (comma-separated "
+                   "float8_e4m3fn, float8_e5m2), over FP8_CANDIDATES")
+    b.add_argument("--no-16bit", action="store_true", help="only the fp8 kernels")
     m = sub.add_parser("measure", help="time the candidates (GPU machine)")
     m.add_argument("--lib", required=True)
     m.add_argument("--out", required=True)
@@ -208,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         specs = attention_specs(args.dtypes.split(","), [int(x) for x in args.head_dims.split(",")],
                                 [int(x) for x in args.max_groups.split(",")])
+        kvs = [kv for kv in args.kv_dtypes.split(",") if kv]
+        specs = ([] if args.no_16bit else specs) + [dataclasses.replace(s, kv_dtype=kv) for s in specs for kv in kvs]
         build(args.arch, args.out, specs)
     elif args.cmd == "measure":
         measure(args.lib, args.out, args.reps, args.rounds)
