@@ -8,12 +8,13 @@ turn such a word into the fp16x2 mma operands:
   ``lo``/``hi``    bytes (0, 1) / (2, 3): consecutive elements of one row (K's head dim)
   ``even``/``odd`` bytes (0, 2) / (1, 3): one column of two rows (V^T's two KV rows)
 
-Two ways (``fp8_widen``, a knob: each for K and V, or K one way and V the other): ``cvt`` (``cvt.rn.f16x2.e4m3x2`` / ``e5m2x2``, sm_89+, on the
-conversion pipe) and ``alu`` (integer bit moves on the ALU pipe: an e5m2 byte is the top byte of
-its fp16; an e4m3 byte's sign stays and its 7 other bits move down one, which is the value times
-2^-8 (``widen_unit``: the kernel folds 2^8 into the K and V scales); a NaN byte then reads as
-480). Every fp8 value is exact in fp16, so the widening loses nothing; bf16 queries are rounded to
-fp16 once per tile (exact for |q| in [2^-14, 65504]).
+Two ways (``fp8_widen``, a knob: one for K and V, or K one way and V the other): ``cvt``
+(``cvt.rn.f16x2.e4m3x2`` / ``e5m2x2``, sm_89+, on the conversion pipe) and ``alu`` (integer bit
+moves on the ALU pipe: an e5m2 byte is the top byte of its fp16; an e4m3 byte's sign stays and its
+7 other bits move down one, which is the value times 2^-8 (``widen_unit``: the kernel folds 2^8
+into the K and V scales); a NaN byte then reads as 480). Every fp8 value is exact in fp16, so the
+widening loses nothing; bf16 queries are rounded to fp16 once per tile (exact for |q| in
+[2^-14, 65504]).
 """
 
 from __future__ import annotations

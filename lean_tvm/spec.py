@@ -87,7 +87,8 @@ class GpuKnobs:
     @property
     def tag(self) -> str:
         tag = f"rw{self.rows_per_warp}_w{self.num_warps}_s{self.stages}_c{self.ctas_per_sm}"
-        return tag + (f"_t{self.tile_cost}" if self.tile_cost else "") + ("" if self.fp8_widen == "cvt" else f"_{self.fp8_widen}")
+        tag += f"_t{self.tile_cost}" if self.tile_cost else ""
+        return tag + ("" if self.fp8_widen == "cvt" else f"_{self.fp8_widen}")
 
     def streamk_config(self) -> StreamKConfig:
         return StreamKConfig(block_size=self.block_size, num_threads=32 * self.num_warps,

@@ -110,7 +110,7 @@ def measure(lib_dir: str, out_path: str, reps: int = 10, rounds: int = 3) -> dic
         groups.setdefault((k.dtype, k.kv_dtype, k.head_dim, k.max_group), []).append(k)
     for (dtype, kv_dtype, head_dim, max_group), kernels in groups.items():
         g = _shape_group(max_group)
-        for shape, batch, hq, hkv, lens in SHAPES:
+        for shape, batch, _, hkv, lens in SHAPES:
             case = _Case(dev, dtype, kv_dtype, batch, hkv * g, hkv, head_dim, lens)
             calls = {info.name: (case.launch(info), contextlib.nullcontext) for info in kernels}
             for name, st in interleaved(timer, calls, rounds, reps).items():
