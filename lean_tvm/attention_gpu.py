@@ -45,8 +45,6 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
     GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
     RW, NWARP, S, NT = knobs.rows_per_warp, knobs.num_warps, knobs.stages, 32 * knobs.num_warps
     FP8 = spec.kv_dtype is not None  # fp8 K/V: bytes in the ring, widened to fp16 in registers
-    HOW = kv_fp8.widen_ways(knobs.fp8_widen)  # how K's and V's bytes widen
-    UNIT = {m: kv_fp8.widen_unit(spec.kv_dtype, HOW[m]) if FP8 else 1.0 for m in HOW}  # folded into the scales
     KS = D // 16  # k-steps of Q.K^T; d-tiles of the output
     NM = RW // 16  # 16-row kv tiles per warp step
     NN = GM // 8  # 8-wide head tiles
@@ -78,13 +76,6 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
         four consecutive d of a row (a 16-bit ldmatrix of bytes), so its k order, which Q^T must
         share, is d = 4t + {0, 1} (k = 2t + {0, 1}) and 4t + {2, 3} (k = 2t + 8 + {0, 1})."""
         return t * 4 + 2 * j if FP8 else t * 2 + 8 * j
-
-    def widen(which, word):
-        return kv_fp8.widen_pair(spec.kv_dtype, which, word, HOW["v" if which in ("even", "odd") else "k"])
-
-    def unit(m, scale):
-        """K's or V's (``m``) scale with its widening's unit folded in."""
-        return scale * T.float32(UNIT[m]) if UNIT[m] != 1.0 else scale
 
     def q_word(word):
         """A Q^T word as the mma operand: bf16 queries meet fp8 K/V in fp16."""
@@ -173,10 +164,10 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
                 T.address_of(bufs.RING[ring(warp, stage, 0, mt * 16 + T.truncmod(lane, 16),
                                             c * 2 + T.truncdiv(lane, 16))]))
             for p in T.unroll(2):
-                bufs.af[0] = widen("lo", bufs.fr[2 * p])
-                bufs.af[1] = widen("lo", bufs.fr[2 * p + 1])
-                bufs.af[2] = widen("hi", bufs.fr[2 * p])
-                bufs.af[3] = widen("hi", bufs.fr[2 * p + 1])
+                bufs.af[0] = kv_fp8.widen_pair(spec.kv_dtype, "lo", bufs.fr[2 * p])
+                bufs.af[1] = kv_fp8.widen_pair(spec.kv_dtype, "lo", bufs.fr[2 * p + 1])
+                bufs.af[2] = kv_fp8.widen_pair(spec.kv_dtype, "hi", bufs.fr[2 * p])
+                bufs.af[3] = kv_fp8.widen_pair(spec.kv_dtype, "hi", bufs.fr[2 * p + 1])
                 for nn in T.unroll(NN):
                     x = T.meta_var((mt * NN + nn) * 4)
                     kk = T.meta_var(c * 2 + p)
@@ -186,7 +177,7 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
     def pv_half(bufs, mt, c, p, which):
         """The mma of d-tile 2c + p: A = the ``which`` ("even"/"odd") byte of each pair."""
         for q in T.unroll(4):
-            bufs.af[q] = widen(which, bufs.fr[q])
+            bufs.af[q] = kv_fp8.widen_pair(spec.kv_dtype, which, bufs.fr[q])
         for nn in T.unroll(NN):
             x = T.meta_var((nn * KS + c * 2 + p) * 4)
             mma_into(bufs.acc, x, bufs.af, bufs.pb[(mt * NN + nn) * 2], bufs.pb[(mt * NN + nn) * 2 + 1])
@@ -474,7 +465,7 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
                 for e in T.unroll(4):
                     bufs.acc[(nn * KS + kk) * 4 + e] = T.float32(0)
         if FP8:  # K's scale folds into the tile's softmax scale
-            bufs.slog2[0] = bufs.scale_base * unit("k", bufs.KSC[lay.kv_head(h)])
+            bufs.slog2[0] = bufs.scale_base * bufs.KSC[lay.kv_head(h)]
 
     @T.macro
     def setup_paged(bufs):
@@ -559,7 +550,7 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
                 for j in T.unroll(4):
                     o = T.meta_var(bufs.eo[e * 4 + j] / T.max(bufs.el[e], T.float32(1e-30)))
                     bufs.O[b, lay.token(h, r), lay.head(h, r), T.truncmod(x, D) + j] = T.Cast(dt, T.Select(
-                        seen, o * unit("v", bufs.VSC[lay.kv_head(h)]) if FP8 else o, T.float32(0)))  # V's scale
+                        seen, o * bufs.VSC[lay.kv_head(h)] if FP8 else o, T.float32(0)))  # V's scale
                 if T.truncmod(x, D) == 0:
                     bufs.LSE[b, lay.token(h, r), lay.head(h, r)] = T.Select(
                         seen, (bufs.em[e] + T.log2(bufs.el[e])) * T.float32(bufs.lse_unit), T.float32(bufs.lse_empty))

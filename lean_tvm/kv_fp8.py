@@ -3,18 +3,13 @@ fp8 byte to float32 on the CPU.
 
 The CUDA kernel keeps fp8 bytes in shared memory and reads them with the 16-bit ldmatrix, so a lane
 holds four bytes of one row (K) or two bytes of each of two rows (V, transposed); the helpers below
-turn such a word into the fp16x2 mma operands:
+turn such a word into the fp16x2 mma operands (``cvt.rn.f16x2.e4m3x2`` / ``e5m2x2``, sm_89+):
 
   ``lo``/``hi``    bytes (0, 1) / (2, 3): consecutive elements of one row (K's head dim)
   ``even``/``odd`` bytes (0, 2) / (1, 3): one column of two rows (V^T's two KV rows)
 
-Two ways (``fp8_widen``, a knob: one for K and V, or K one way and V the other): ``cvt``
-(``cvt.rn.f16x2.e4m3x2`` / ``e5m2x2``, sm_89+, on the conversion pipe) and ``alu`` (integer bit
-moves on the ALU pipe: an e5m2 byte is the top byte of its fp16; an e4m3 byte's sign stays and its
-7 other bits move down one, which is the value times 2^-8 (``widen_unit``: the kernel folds 2^8
-into the K and V scales); a NaN byte then reads as 480). Every fp8 value is exact in fp16, so the
-widening loses nothing; bf16 queries are rounded to fp16 once per tile (exact for |q| in
-[2^-14, 65504]).
+Every fp8 value is exact in fp16, so the widening loses nothing; bf16 queries are rounded to fp16
+once per tile (exact for |q| in [2^-14, 65504]).
 """
 
 from __future__ import annotations
@@ -35,39 +30,10 @@ def _pair_source(name: str, kv_dtype: str, which: str) -> str:
             f'  asm("cvt.rn.f16x2.{_CVT[kv_dtype]} %0, %1;" : "=r"(r) : "h"(s));\n  return r;\n}}\n')
 
 
-# The alu way: the two bytes moved to the top bytes of the fp16 halves (prmt selector; 0 = none).
-_TOP_BYTES = {"lo": 0x1404, "hi": 0x3424, "even": 0x2404, "odd": 0}
-
-
-def _alu_source(name: str, kv_dtype: str, which: str) -> str:
-    select = _TOP_BYTES[which]
-    move = (f'  asm("prmt.b32 %0, %1, 0, {select:#x};" : "=r"(w) : "r"(w));\n' if select
-            else "  w &= 0xFF00FF00u;\n")
-    value = "w" if kv_dtype == "float8_e5m2" else "(w & 0x80008000u) | ((w & 0x7F007F00u) >> 1)"
-    return f"__device__ __forceinline__ unsigned {name}(unsigned w) {{\n{move}  return {value};\n}}\n"
-
-
-# The fp8_widen knob: how K's and V's pairs widen ("split": K on the conversion pipe, V on the ALU).
-WIDEN_WAYS = {"cvt": ("cvt", "cvt"), "alu": ("alu", "alu"), "split": ("cvt", "alu")}
-
-
-def widen_ways(knob: str) -> dict[str, str]:
-    """{"k": way, "v": way} of an ``fp8_widen`` knob."""
-    k, v = WIDEN_WAYS[knob]
-    return {"k": k, "v": v}
-
-
-def widen_pair(kv_dtype: str, which: str, word, how: str = "cvt"):
-    """The fp16x2 word of two fp8 elements of the 32-bit ``word`` (see the module docstring),
-    times :func:`widen_unit`'s inverse."""
-    name = f"lean_{_TAG[kv_dtype]}_{which}" + ("" if how == "cvt" else f"_{how}")
-    source = (_pair_source if how == "cvt" else _alu_source)(name, kv_dtype, which)
-    return T.cuda.func_call(name, word, source_code=source, return_type="uint32")
-
-
-def widen_unit(kv_dtype: str, how: str) -> float:
-    """What a widened value must be multiplied by to be the stored one (folded into the scales)."""
-    return 256.0 if how == "alu" and kv_dtype == "float8_e4m3fn" else 1.0
+def widen_pair(kv_dtype: str, which: str, word):
+    """The fp16x2 word of two fp8 elements of the 32-bit ``word`` (see the module docstring)."""
+    name = f"lean_{_TAG[kv_dtype]}_{which}"
+    return T.cuda.func_call(name, word, source_code=_pair_source(name, kv_dtype, which), return_type="uint32")
 
 
 _BF16_TO_F16 = """__device__ __forceinline__ unsigned lean_bf16x2_to_f16x2(unsigned w) {

@@ -2,7 +2,8 @@
 
 A record names the kernel it is for (head_dim, max_group, optionally dtype and kv_dtype) and its
 knobs. A kernel without a record gets the defaults, with the pipeline shortened until it fits the
-arch's shared memory; an fp8 kernel without one gets its 16-bit kernel's with twice the stages.
+arch's shared memory; an fp8 kernel without one gets another fp8 dtype's record of the same kernel,
+else its 16-bit kernel's knobs with twice the stages (and its batch tile cost, unless its record has one).
 A record's optional ``batch_knobs`` and ``batch_tile_cost`` (> 0) add a second kernel, the batch
 variant, for launches of many tiles (``plan.BATCH_VARIANT_TILES``): its own knobs (e.g. two CTAs
 per SM, which overlap one CTA's tile switches with the other's streaming) and a stream-K plan that
@@ -17,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from .spec import AttentionSpec, GpuKnobs
+from .spec import KV_DTYPES, AttentionSpec, GpuKnobs
 
 # Shared memory one block may use (opt-in maximum) and one SM holds, bytes.
 SMEM_PER_BLOCK = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448, "sm_90a": 232448}
@@ -46,6 +47,16 @@ def _matches(record: dict, spec: AttentionSpec) -> bool:
             and record.get("dtype", spec.dtype) == spec.dtype and record.get("kv_dtype") == spec.kv_dtype)
 
 
+def _record(records: list[dict], spec: AttentionSpec) -> dict | None:
+    """``spec``'s record; for an fp8 kernel without one, another fp8 cache dtype's record of the
+    same kernel (the bytes and the code are the same but for one conversion instruction)."""
+    found = next((r for r in records if _matches(r, spec)), None)
+    if found is not None or not spec.kv_dtype:
+        return found
+    return next((r for r in records if r.get("kv_dtype") in KV_DTYPES
+                 and _matches(r, dataclasses.replace(spec, kv_dtype=r["kv_dtype"]))), None)
+
+
 def _fp8_from_16bit(knobs: GpuKnobs | None, spec: AttentionSpec, arch: str) -> GpuKnobs | None:
     """An fp8 kernel without a record of its own: the 16-bit kernel's knobs with twice the
     pipeline stages (the same bytes in flight: a stage holds half as many), if they fit."""
@@ -65,12 +76,12 @@ def fits(knobs: GpuKnobs, spec: AttentionSpec, arch: str) -> bool:
 
 def knobs_for(records: list[dict], spec: AttentionSpec, arch: str) -> GpuKnobs:
     """The record's knobs, else defaults with as many pipeline stages (<= 4) as fit."""
-    for record in records:
-        if _matches(record, spec):
-            knobs = GpuKnobs(**record["knobs"])
-            if not fits(knobs, spec, arch):
-                raise ValueError(f"schedule record for {spec.name} on {arch} does not fit shared memory: {knobs}")
-            return knobs
+    found = _record(records, spec)
+    if found is not None:
+        knobs = GpuKnobs(**found["knobs"])
+        if not fits(knobs, spec, arch):
+            raise ValueError(f"schedule record for {spec.name} on {arch} does not fit shared memory: {knobs}")
+        return knobs
     if spec.kv_dtype:
         return _fp8_from_16bit(knobs_for(records, dataclasses.replace(spec, kv_dtype=None), arch), spec, arch)
     for stages in (4, 3, 2):
@@ -86,12 +97,14 @@ def knobs_for(records: list[dict], spec: AttentionSpec, arch: str) -> GpuKnobs:
 
 def batch_knobs(records: list[dict], spec: AttentionSpec, arch: str) -> GpuKnobs | None:
     """The batch variant's knobs of ``spec`` (None: the plain kernel's)."""
-    for record in records:
-        if _matches(record, spec) and "batch_knobs" in record:
-            knobs = GpuKnobs(**record["batch_knobs"])
-            if not fits(knobs, spec, arch):
-                raise ValueError(f"batch knobs for {spec.name} on {arch} do not fit shared memory: {knobs}")
-            return knobs
+    found = _record(records, spec)
+    if found is not None:
+        if "batch_knobs" not in found:
+            return None
+        knobs = GpuKnobs(**found["batch_knobs"])
+        if not fits(knobs, spec, arch):
+            raise ValueError(f"batch knobs for {spec.name} on {arch} do not fit shared memory: {knobs}")
+        return knobs
     if spec.kv_dtype:
         return _fp8_from_16bit(batch_knobs(records, dataclasses.replace(spec, kv_dtype=None), arch), spec, arch)
     return None
@@ -99,9 +112,10 @@ def batch_knobs(records: list[dict], spec: AttentionSpec, arch: str) -> GpuKnobs
 
 def batch_tile_cost(records: list[dict], spec: AttentionSpec) -> int:
     """The tile cost of ``spec``'s batch variant, 0 for none."""
-    if spec.kv_dtype and not any(_matches(r, spec) for r in records):
+    found = _record(records, spec)
+    if spec.kv_dtype and (found is None or "batch_tile_cost" not in found):  # the 16-bit kernel's
         return batch_tile_cost(records, dataclasses.replace(spec, kv_dtype=None))
-    cost = next((r.get("batch_tile_cost", 0) for r in records if _matches(r, spec)), 0)
+    cost = found.get("batch_tile_cost", 0) if found else 0
     if not isinstance(cost, int) or cost < 0:
         raise ValueError(f"schedule record for {spec.name}: batch_tile_cost must be an int >= 0, got {cost!r}")
     return cost

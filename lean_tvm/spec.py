@@ -78,7 +78,6 @@ class GpuKnobs:
     ctas_per_sm: int = 1
     max_batch: int = 1024
     tile_cost: int = 0  # stream-K: what starting and finishing a tile costs, in quarter blocks
-    fp8_widen: str = "cvt"  # fp8 K/V to fp16: "cvt" (conversion pipe), "alu" (bit moves), "split" (kv_fp8)
 
     @property
     def block_size(self) -> int:
@@ -87,8 +86,7 @@ class GpuKnobs:
     @property
     def tag(self) -> str:
         tag = f"rw{self.rows_per_warp}_w{self.num_warps}_s{self.stages}_c{self.ctas_per_sm}"
-        tag += f"_t{self.tile_cost}" if self.tile_cost else ""
-        return tag + ("" if self.fp8_widen == "cvt" else f"_{self.fp8_widen}")
+        return tag + (f"_t{self.tile_cost}" if self.tile_cost else "")
 
     def streamk_config(self) -> StreamKConfig:
         return StreamKConfig(block_size=self.block_size, num_threads=32 * self.num_warps,

@@ -592,3 +592,38 @@ def test_tune_select_picks_plain_and_batch_knobs_and_keeps_a_near_tie():
     assert rec["batch_knobs"] == knobs["c"] and set(rec["batch_times_us"]) == set(many_shapes)
     (rec,) = tune.select(times({"a": 10.0, "b": 9.0, "c": 12.0}, {"a": 10.0, "b": 9.0, "c": 9.5}), manifest, current)
     assert picked(rec["knobs"]) == knobs["b"] and "batch_knobs" not in rec  # b wins both, by 10%
+
+
+def test_tune_select_drops_a_wrong_candidate_and_records_the_fp8_kernel_apart():
+    """A candidate whose output missed the reference is never picked, however fast; an fp8
+    family's record names its cache dtype, so the 16-bit record of the same kernel stays."""
+    from lean_tvm.bench import tune
+
+    knobs = {"fast_wrong": {"rows_per_warp": 64, "num_warps": 4, "stages": 2, "ctas_per_sm": 1},
+             "right": {"rows_per_warp": 32, "num_warps": 8, "stages": 2, "ctas_per_sm": 1}}
+    manifest = {"kernels": [{"name": n, "op": "decode_attention", "knobs": k} for n, k in knobs.items()]}
+    results = {"gpu": "FAKE", "date": "today", "times": [
+        {"kernel": n, "dtype": "float16", "kv_dtype": "float8_e4m3fn", "head_dim": 128, "max_group": 8, "shape": s[0],
+         "us": 5.0 if n == "fast_wrong" else 9.0, "max_err": 0.5 if n == "fast_wrong" else 3e-4}
+        for n in knobs for s in tune.SHAPES]}
+    (rec,) = tune.select(results, manifest, [{"head_dim": 128, "max_group": 8, "knobs": knobs["fast_wrong"]}])
+    assert rec["kv_dtype"] == "float8_e4m3fn" and rec["knobs"]["rows_per_warp"] == 32
+
+
+def test_fp8_kernels_share_a_record_across_fp8_dtypes_and_fall_back_to_the_16bit_one():
+    """e5m2 takes e4m3's record (same bytes, same code but one instruction); without any fp8
+    record an fp8 kernel takes the 16-bit knobs with twice the stages and the 16-bit tile cost."""
+    from lean_tvm.schedule_records import batch_knobs, batch_tile_cost, knobs_for
+    from lean_tvm.spec import AttentionSpec, GpuKnobs
+
+    k16 = {"rows_per_warp": 16, "num_warps": 8, "stages": 2, "ctas_per_sm": 1}
+    k8 = {"rows_per_warp": 32, "num_warps": 8, "stages": 2, "ctas_per_sm": 1}
+    b8 = {"rows_per_warp": 32, "num_warps": 4, "stages": 2, "ctas_per_sm": 2}
+    base = {"head_dim": 128, "max_group": 8, "knobs": k16, "batch_tile_cost": 6}
+    fp8 = {"kv_dtype": "float8_e4m3fn", "head_dim": 128, "max_group": 8, "knobs": k8, "batch_knobs": b8}
+    e5m2 = AttentionSpec("float16", 128, 8, kv_dtype="float8_e5m2")
+    assert knobs_for([base, fp8], e5m2, "sm_90a") == GpuKnobs(**k8)
+    assert batch_knobs([base, fp8], e5m2, "sm_90a") == GpuKnobs(**b8)
+    assert batch_tile_cost([base, fp8], e5m2) == 6  # the fp8 record has none of its own
+    assert knobs_for([base], e5m2, "sm_90a") == GpuKnobs(**{**k16, "stages": 4})
+    assert knobs_for([base, fp8], AttentionSpec("float16", 128, 8), "sm_90a") == GpuKnobs(**k16)
