@@ -194,12 +194,14 @@ _SET_SMEM = re.compile(
 
 def remember_smem_attribute(src: str) -> str:
     """TVM's generated launchers raise a kernel's dynamic shared memory limit before every launch
-    (a driver call each time); raise it once per device and kernel instead (per device: the
-    attribute belongs to the device's context). A benign race: two threads may both set it."""
+    (a driver call each time), and only for 48 KB of dynamic memory or more, though the limit
+    counts static memory too (40 KB dynamic + 9 KB static fails to launch: "invalid argument");
+    raise it once per device and kernel, whatever the size (per device: the attribute belongs to
+    the device's context). A benign race: two threads may both set it."""
     def once(m: re.Match) -> str:
         arg, kernel = m.group(1), m.group(2)
         return (f"  static int {kernel}_smem[64] = {{0}};\n"
-                f"  if ({arg} >= 49152 && {kernel}_smem[cuda_device & 63] < {arg}) {{\n"
+                f"  if ({kernel}_smem[cuda_device & 63] < {arg}) {{\n"
                 f"    if (::tvm_cuda_host_check(cudaFuncSetAttribute(::{kernel}, "
                 f"cudaFuncAttributeMaxDynamicSharedMemorySize, {arg})) != 0) return -1;\n"
                 f"    {kernel}_smem[cuda_device & 63] = {arg};\n  }}\n")

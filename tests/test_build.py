@@ -228,9 +228,10 @@ print(runtime.library_for(q.device).path.name, [m for m in sys.modules if m.spli
 
 @needs_nvcc
 def test_launchers_raise_the_shared_memory_limit_once_per_device(built):
-    """Every launcher that raises a kernel's dynamic shared memory limit does it once per device
-    (build.remember_smem_attribute), not before every launch."""
+    """Every launcher raises its kernel's dynamic shared memory limit once per device
+    (build.remember_smem_attribute), not before every launch, and whatever the size: under 48 KB
+    of dynamic memory the static memory can still pass the 48 KB that needs no opt-in."""
     arch, out, _ = built
     src = (out / f"lean_tvm_{arch}.cu").read_text()
     sets = src.count("cudaFuncSetAttribute(::")
-    assert sets >= 4 and src.count("_smem[cuda_device & 63] = ") == sets
+    assert sets >= 4 and src.count("_smem[cuda_device & 63] = ") == sets and ">= 49152" not in src
