@@ -105,10 +105,13 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
             keep = T.meta_var(T.Select(nn * 8 + g < bufs.G, T.uint32(0xFFFFFFFF), T.uint32(0)))
             for kk in T.unroll(KS):
                 for j in T.unroll(2):
+                    col = T.meta_var(kk * 16 + q_col(t, j) if FP8 else kk * 16 + t * 2 + 8 * j)
                     bufs.qw[(nn * KS + kk) * 2 + j] = T.bitwise_and(
-                        bufs.QW[T.truncdiv(row + T.Cast("int64", kk * 16 + t * 2 + 8 * j), 2)], keep)
+                        q_word(bufs.QW[T.truncdiv(row + T.Cast("int64", col), 2)]), keep)
                 for e in T.unroll(4):
                     bufs.acc[(nn * KS + kk) * 4 + e] = T.float32(0)
+        if FP8:  # K's scale folds into the tile's softmax scale (a dense tile is one KV head)
+            bufs.slog2[0] = bufs.scale_base * bufs.KSC[h]
 
     @T.macro
     def setup(bufs):
@@ -425,8 +428,9 @@ def gpu_operator(spec: AttentionSpec, knobs: GpuKnobs, paged: bool = False) -> t
             x = T.meta_var((e * NT + bufs.tx) * 4)
             if x < bufs.G * D:
                 for j in T.unroll(4):
+                    o = T.meta_var(bufs.eo[e * 4 + j] / bufs.el[e])
                     bufs.O[b, h * bufs.G + T.truncdiv(x, D), T.truncmod(x, D) + j] = T.Cast(
-                        dt, bufs.eo[e * 4 + j] / bufs.el[e])
+                        dt, o * bufs.VSC[h] if FP8 else o)  # V's scale
                 if T.truncmod(x, D) == 0:
                     bufs.LSE[b, h * bufs.G + T.truncdiv(x, D)] = (bufs.em[e] + T.log2(bufs.el[e])) * T.float32(
                         bufs.lse_unit)
@@ -677,22 +681,27 @@ def gpu_kernel_macro(spec: AttentionSpec, knobs: GpuKnobs, lse: LseConvention = 
 def dense_kernel_body(spec: AttentionSpec, knobs: GpuKnobs):
     """The kernel's body macro over strided [B, Hkv, L, D] K/V, taking the parameters of
     ``sig.ATTENTION_PARAMS`` by name and ``trace_buf`` (None: no trace): every form of the dense
-    kernel (this module's, the stream-K rule's) is ``sig.prim_func`` of it."""
+    kernel (this module's, the stream-K rule's) is ``sig.prim_func`` of it. An fp8 spec takes the
+    caches as bytes and ``k_scale``, ``v_scale`` (fp32 [Hkv], any stride; ``sig.ATTENTION_FP8_PARAMS``)."""
     GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
+    fp8 = spec.kv_dtype is not None
+    kv_dt = "uint8" if fp8 else dt
     kernel = gpu_kernel_macro(spec, knobs)
     one, two, d64, g64 = (tvm.tirx.const(x, "int64") for x in (1, 2, D, GM))
     n_events = len(TRACE_EVENTS)
 
     @T.macro
     def body(q, k, v, seq_lens, o, lse, ws_o, ws_ml, flags, softmax_scale, num_workers, num_splits, grid,
-             trace_buf):
+             trace_buf, k_scale=None, v_scale=None):
         B, HQ, HKV, LMAX, WSN = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         sqb, sqh, skb, skh, skl = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         svb, svh, svl = T.int64(), T.int64(), T.int64()
         Q = T.match_buffer(q, (B, HQ, d64), dt, strides=(sqb, sqh, one))
-        K = T.match_buffer(k, (B, HKV, LMAX, d64), dt, strides=(skb, skh, skl, one))
-        V = T.match_buffer(v, (B, HKV, LMAX, d64), dt, strides=(svb, svh, svl, one))
+        K = T.match_buffer(k, (B, HKV, LMAX, d64), kv_dt, strides=(skb, skh, skl, one))
+        V = T.match_buffer(v, (B, HKV, LMAX, d64), kv_dt, strides=(svb, svh, svl, one))
         SL = T.match_buffer(seq_lens, (B,), "int32")
+        KSC = T.meta_var(T.match_buffer(k_scale, (HKV,), "float32", strides=(T.int64(),)) if fp8 else None)
+        VSC = T.meta_var(T.match_buffer(v_scale, (HKV,), "float32", strides=(T.int64(),)) if fp8 else None)
         O = T.match_buffer(o, (B, HQ, d64), dt)
         LSE = T.match_buffer(lse, (B, HQ), "float32")
         WSO = T.match_buffer(ws_o, (WSN, g64, d64), "float32")
@@ -700,11 +709,12 @@ def dense_kernel_body(spec: AttentionSpec, knobs: GpuKnobs):
         FLAGS = T.match_buffer(flags, (WSN,), "int32")
         TRACE = T.meta_var(T.match_buffer(trace_buf, (grid, n_events), "uint64") if trace_buf is not None else None)
         # Flat views for address arithmetic done once per step (Q as 32-bit words).
-        KF = T.decl_buffer((skb * B,), dt, data=K.data)
-        VF = T.decl_buffer((svb * B,), dt, data=V.data)
+        KF = T.decl_buffer((skb * B,), kv_dt, data=K.data)
+        VF = T.decl_buffer((svb * B,), kv_dt, data=V.data)
         QW = T.decl_buffer((sqb * B,), "uint32", data=Q.data)
         src = T.meta_var(SimpleNamespace(
-            QW=QW, KF=KF, VF=VF, sqb=sqb, sqh=sqh, skb=skb, skh=skh, skl=skl, svb=svb, svh=svh, svl=svl, SL=SL,
+            QW=QW, KF=KF, VF=VF, KSC=KSC, VSC=VSC, sqb=sqb, sqh=sqh, skb=skb, skh=skh, skl=skl, svb=svb, svh=svh,
+            svl=svl, SL=SL,
             B=T.Cast("int32", B), HQ=T.Cast("int32", HQ), HKV=T.Cast("int32", HKV), LMAX=T.Cast("int32", LMAX),
             ROWS=T.truncdiv(T.Cast("int32", HQ), T.Cast("int32", HKV)), TILES=T.Cast("int32", HKV), rows=dense_rows))
         kernel(src, O, LSE, WSO, WSML, FLAGS, softmax_scale, num_workers, num_splits, grid, TRACE)
@@ -715,18 +725,21 @@ def dense_kernel_body(spec: AttentionSpec, knobs: GpuKnobs):
 def make_gpu_kernel(spec: AttentionSpec, knobs: GpuKnobs | None = None, name: str | None = None,
                     trace: bool = False, dps: bool = False):
     """The persistent CUDA kernel over strided [B, Hkv, L, D] K/V: grid = ``grid`` CTAs walking
-    ``num_workers`` planned ranges.
+    ``num_workers`` planned ranges. An fp8 spec (``spec.kv_dtype``): the caches as bytes and the
+    scales after the lengths (``sig.ATTENTION_FP8_PARAMS``), one token per sequence.
 
     ``trace=True`` builds the debug variant with one more argument, ``trace: uint64[grid,
     len(spec.TRACE_EVENTS)]``, filled with %globaltimer stamps of each CTA's phases.
     ``dps=True`` puts the outputs (o, lse) last, after the scalars, as Relax's call_tir wants."""
     body = dense_kernel_body(spec, knobs or GpuKnobs())
-    params = list(sig.outputs_last(sig.ATTENTION_PARAMS, sig.ATTENTION_OUTPUTS) if dps else sig.ATTENTION_PARAMS)
+    base = sig.ATTENTION_FP8_PARAMS if spec.kv_dtype else sig.ATTENTION_PARAMS
+    params = list(sig.outputs_last(base, sig.ATTENTION_OUTPUTS) if dps else base)
     if trace:
         params.append(sig.Param("trace_buf"))
+    scales = ["k_scale", "v_scale"] if spec.kv_dtype else []
     return sig.prim_func(name or spec.name, params, body,
                          ["q", "k", "v", "seq_lens", "o", "lse", "ws_o", "ws_ml", "flags", "softmax_scale",
-                          "num_workers", "num_splits", "grid", "trace_buf" if trace else None],
+                          "num_workers", "num_splits", "grid", "trace_buf" if trace else None, *scales],
                          {"tirx.noalias": True, "tirx.is_scheduled": True})
 
 

@@ -102,11 +102,12 @@ def default_specs():
 def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_path: str | None = None,
                keep_source: bool = True, kv_dtypes: Sequence[str] = KV_DTYPES) -> dict:
     """Generate, compile and describe one library for ``arch``; returns the manifest. Each spec
-    gets its dense and paged kernels and, on ``FP8_ARCHS``, a paged kernel per fp8 cache dtype in
-    ``kv_dtypes`` (which serves dense fp8 caches too, as one page per sequence)."""
+    gets its dense and paged kernels and, on ``FP8_ARCHS``, the same two per fp8 cache dtype in
+    ``kv_dtypes`` (the dense one for one token without start rows; the paged one serves the rest of
+    the dense calls as one page per sequence)."""
     import tvm
 
-    from .attention_gpu import make_gpu_paged_kernel
+    from .attention_gpu import make_gpu_kernel, make_gpu_paged_kernel
     from .compute import make_decode_attention, make_gemv
     from .gemv import GEMV_SPECS
     from .streamk_rule import StreamK
@@ -121,7 +122,7 @@ def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_
     t0 = time.time()
     fp8 = [kv for kv in kv_dtypes if kv] if arch in FP8_ARCHS else []
     jobs = [(spec, form) for spec in specs for form in (DENSE, PAGED)]
-    jobs += [(dataclasses.replace(spec, kv_dtype=kv), PAGED) for spec in specs for kv in fp8]
+    jobs += [(dataclasses.replace(spec, kv_dtype=kv), form) for spec in specs for kv in fp8 for form in (DENSE, PAGED)]
     for i, (spec, form) in enumerate(jobs):
         knobs = knobs_for(records, spec, arch)
         variants = [("plain", knobs)]
@@ -131,9 +132,11 @@ def build_cuda(arch: str, out_dir: str, specs: Sequence[AttentionSpec], records_
         for variant, kn in variants:
             name = spec.name + ("_paged" if form == PAGED else "") + ("_batch" if variant == "batch" else "")
             _log(f"[{i + 1}/{len(jobs)}] TensorIR -> schedule: {name} {kn}")
-            if form == DENSE:  # the rule applied to the TensorIR
+            if form == DENSE and not spec.kv_dtype:  # the rule applied to the TensorIR
                 compute = make_decode_attention(spec.dtype, spec.head_dim, spec.max_group)
                 funcs[name] = rule_kernel(compute, target, name, StreamK(knobs=kn))
+            elif form == DENSE:  # fp8: the dense form's generator (the TensorIR compute is 16-bit)
+                funcs[name] = make_gpu_kernel(spec, kn, name=name)
             else:  # the paged form's generator (same operator macros, table addressing)
                 funcs[name] = make_gpu_paged_kernel(spec, kn, name=name)
             kernels.append({"name": name, "op": ATTENTION_OP, "form": form, "variant": variant, "dtype": spec.dtype,

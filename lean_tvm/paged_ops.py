@@ -133,10 +133,17 @@ def _make_plan(q, k_cache, v_cache, cache_seqlens, block_table, cache_leftpad, l
                                                layout, out, k_scale, v_scale)
     batch, sq, hq, head_dim = q4.shape
     kv_dtype = FP8_DTYPES.get(k.dtype)
-    launch = runtime.paged_launcher(q4, k.shape[1], cache_len, kv_dtype=kv_dtype) if batch else _no_launch
+    launch = runtime.cache_launcher(q4, k.shape[1], cache_len, kv_dtype, _dense_one_token(q4, block_table,
+                                                                                         cache_leftpad)) \
+        if batch else _no_launch
     lse_shape = (batch, hq) if q.dim() == 3 else (batch, sq, hq)
     return _Plan(q.dim() == 3, odd_row_strides(q4), tuple(q.shape), lse_shape, block_table is None, cache_len, psl,
                  1.0 / math.sqrt(head_dim), kv_dtype, k.shape[1], launch)
+
+
+def _dense_one_token(q4, block_table, cache_leftpad) -> bool:
+    """A call the dense kernel form can serve: a dense cache, one token, no start rows."""
+    return block_table is None and cache_leftpad is None and q4.shape[1] == 1
 
 
 def _no_launch(*_args) -> None:
@@ -220,6 +227,7 @@ def _run(q4, k, v, block_table, cache_seqlens, cache_leftpad, out4, lse3, scale,
     if batch == 0:
         return
     device = q4.device
+    dense_one_token = _dense_one_token(q4, block_table, cache_leftpad)
     if block_table is None:
         block_table = _filled("table", batch, 0, device)
     if cache_seqlens is None:
@@ -228,7 +236,7 @@ def _run(q4, k, v, block_table, cache_seqlens, cache_leftpad, out4, lse3, scale,
         cache_leftpad = _filled("lengths", batch, 0, device)
     kv_dtype = FP8_DTYPES.get(k.dtype)
     k, v, *scales = _kv_args(k, v, k_scale, v_scale, kv_dtype, k.shape[1], device, cached=False)
-    runtime.paged_launcher(q4, k.shape[1], cache_len, kv_dtype=kv_dtype)(
+    runtime.cache_launcher(q4, k.shape[1], cache_len, kv_dtype, dense_one_token)(
         q4, k, v, block_table, cache_seqlens, cache_leftpad, out4, lse3, scale, psl, *scales, fresh_workspace=True)
 
 

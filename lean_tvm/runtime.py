@@ -289,6 +289,36 @@ def _prepare_attention(q, hkv: int, num_splits: int, num_ctas: int | None, kerne
     return lib.function(info.name), workers, grid, ((info.max_group, head_dim), (2, info.max_group))
 
 
+def cache_launcher(q4, hkv: int, cache_len: int, kv_dtype: str | None, dense_one_token: bool) -> Callable:
+    """:func:`paged_launcher`'s launch; for an fp8 cache read densely with one token and no start
+    rows (``dense_one_token``), the dense fp8 kernel behind the same signature where the library
+    has one (it skips the paged form's tile layout and start rows: its small shapes are faster)."""
+    if kv_dtype and dense_one_token and q4.shape[0]:
+        return _launcher((q4.device, q4.dtype, q4.shape, hkv, cache_len, DENSE, kv_dtype),
+                         lambda: _make_dense_fp8_launcher(q4, hkv, cache_len, kv_dtype)
+                         or paged_launcher(q4, hkv, cache_len, kv_dtype=kv_dtype))
+    return paged_launcher(q4, hkv, cache_len, kv_dtype=kv_dtype)
+
+
+def _make_dense_fp8_launcher(q4, hkv: int, cache_len: int, kv_dtype: str) -> Callable | None:
+    lib = library_for(q4.device)
+    batch, _, hq, head_dim = q4.shape
+    info = lib.attention_kernel(str(q4.dtype).removeprefix("torch."), head_dim, hq // hkv, batch * hkv, DENSE,
+                                kv_dtype)
+    if info is None:
+        return None
+    fn, workers, grid, shapes = _prepare_attention(q4[:, 0], hkv, STREAM_K, None, info, cache_len)
+    device = q4.device
+
+    def launch(q, k, v, block_table, seq_lens, leftpad, out, lse, softmax_scale: float, page_size_log2: int,
+               k_scale, v_scale, fresh_workspace: bool = False) -> None:
+        ws_o, ws_ml, flags = (new_workspace if fresh_workspace else WORKSPACE.get)(device, workers, *shapes)
+        fn(q.squeeze(1), k, v, seq_lens, k_scale, v_scale, out.squeeze(1), lse.squeeze(1), ws_o, ws_ml, flags,
+           softmax_scale, workers, STREAM_K, grid)
+
+    return launch
+
+
 def paged_launcher(q4, hkv: int, cache_len: int, num_ctas: int | None = None, kv_dtype: str | None = None,
                    kernel: KernelInfo | None = None) -> Callable:
     """``launch(q, k, v, block_table, seq_lens, leftpad, out, lse, scale, page_size_log2)`` of the

@@ -74,6 +74,9 @@ def prim_func(name: str, params: Sequence[Param], body: Callable, body_args: Seq
 ATTENTION_PARAMS = (handles("q", "k", "v", "seq_lens", "o", "lse", "ws_o", "ws_ml", "flags")
                     + scalars(softmax_scale="float32", num_workers="int32", num_splits="int32", grid="int32"))
 ATTENTION_OUTPUTS = ("o", "lse")
+# The dense kernel over an fp8 cache (one token, no start rows): the per-KV-head scales after the lengths.
+ATTENTION_FP8_PARAMS = (handles("q", "k", "v", "seq_lens", "k_scale", "v_scale", "o", "lse", "ws_o", "ws_ml", "flags")
+                        + scalars(softmax_scale="float32", num_workers="int32", num_splits="int32", grid="int32"))
 # The split-K GEMV y = W x.
 GEMV_PARAMS = (handles("w", "x", "k_len", "y", "ws", "flags")
                + scalars(num_workers="int32", num_splits="int32", grid="int32"))

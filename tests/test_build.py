@@ -45,12 +45,12 @@ def test_library_and_manifest_are_written(built):
     assert ("lean_attention_float16_d128_g8_batch" in names) == (arch == "sm_90a")
     assert "lean_attention_bfloat16_d64_g16_batch" not in names
     fp8 = {k["name"]: k for k in manifest["kernels"] if k.get("kv_dtype")}
-    if arch in build.FP8_ARCHS:  # an fp8 paged kernel per spec, without spills, its variants from the records
-        assert set(fp8) == {"lean_attention_float16_d128_g8_kv_e4m3_paged",
-                            "lean_attention_float16_d128_g8_kv_e4m3_paged_batch",
-                            "lean_attention_bfloat16_d64_g16_kv_e4m3_paged",
-                            "lean_attention_bfloat16_d64_g16_kv_e4m3_paged_batch"}  # fp8 records: batch knobs
-        assert all(k["form"] == "paged" and k["kv_dtype"] == "float8_e4m3fn" for k in fp8.values())
+    if arch in build.FP8_ARCHS:  # a dense and a paged fp8 kernel per spec, no spills, variants from the records
+        specs = ("float16_d128_g8", "bfloat16_d64_g16")
+        assert set(fp8) == {f"lean_attention_{s}_kv_e4m3{form}{variant}" for s in specs
+                            for form in ("", "_paged") for variant in ("", "_batch")}  # fp8 records: batch knobs
+        assert all(k["form"] == ("paged" if "_paged" in n else "dense") and k["kv_dtype"] == "float8_e4m3fn"
+                   for n, k in fp8.items())
         assert not any(k["resources"].get("spill_bytes") for k in fp8.values())
     else:  # no cvt.rn.f16x2.e4m3x2 before sm_89
         assert not fp8
