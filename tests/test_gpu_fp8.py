@@ -1,8 +1,9 @@
 """fp8 KV caches on the GPU (marked ``gpu``), against float64 on the dequantised values: dense and
 paged (pages 1..64), one and several query tokens, fp16 and bf16 queries, e4m3 and e5m2, per-tensor
 and per-KV-head scales far from 1, large logits, empty sequences, a 100k sequence, launches of the
-batch variant; the fp8 kernel against our fp16 kernel on the same values; CUDA graph replay with
-scales and lengths changed in place; the default call never synchronises.
+batch variant; the fp8 kernel against our fp16 kernel on the same values; the dense fp8 kernel
+against the paged one; CUDA graph replay with scales and lengths changed in place; the default call
+never synchronises.
 
 ``LEAN_TVM_LIB_DIR=build/sm_90a python -m pytest -m gpu tests/test_gpu_fp8.py``
 """
@@ -102,6 +103,61 @@ def test_fp8_agrees_with_our_16bit_kernel_on_the_same_values(dtype):
     o8 = lean_tvm.decode_attention(q, k8, v8, lens, k_scale=0.25, v_scale=0.5)
     o16 = lean_tvm.decode_attention(q, (k8.float() * 0.25).to(dtype), (v8.float() * 0.5).to(dtype), lens)
     torch.testing.assert_close(o8, o16, atol=2e-3 if dtype == F16 else 1.5e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype,fp8,head_dim,hq,hkv", [(F16, E4M3, 128, 32, 8), (BF16, E5M2, 64, 16, 1),
+                                                       (F16, E4M3, 256, 64, 8)])
+def test_dense_fp8_calls_run_the_dense_kernel_and_agree_with_the_paged_one(dtype, fp8, head_dim, hq, hkv):
+    """One token over a dense fp8 cache goes to the dense fp8 kernel (no tile layout, no start
+    rows); with start rows (the paged kernel) the same values give the same output, also under
+    torch.compile and for a batch of many tiles (its batch variant)."""
+    from lean_tvm import runtime
+    from lean_tvm.library import DENSE
+
+    lib = runtime.library_for(torch.device("cuda"))
+    assert lib.attention_kernel(str(dtype).removeprefix("torch."), head_dim, hq // hkv, 1, DENSE,
+                                str(fp8).removeprefix("torch.")) is not None
+    g = torch.Generator().manual_seed(head_dim)
+    ks = torch.linspace(0.01, 3.0, hkv, device="cuda")
+    for lens in ([5000, 0, 37, 1000], [700] * 40):
+        batch, length = len(lens), max(lens)
+        k8 = torch.randn(batch, hkv, length, head_dim, generator=g).to(fp8).cuda()
+        v8 = torch.randn(batch, hkv, length, head_dim, generator=g).to(fp8).cuda()
+        q = torch.randn(batch, hq, head_dim, generator=g).to(dtype).cuda()
+        lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        dense = lean_tvm.decode_attention(q, k8, v8, lens_t, k_scale=ks, v_scale=0.5)
+        paged = lean_tvm.decode_attention(q, k8, v8, lens_t, cache_leftpad=torch.zeros_like(lens_t), k_scale=ks,
+                                          v_scale=0.5)  # start rows: the paged form
+        compiled = torch.compile(lambda q, k, v, n, s: lean_tvm.decode_attention(q, k, v, n, k_scale=s, v_scale=0.5),
+                                 fullgraph=True)(q, k8, v8, lens_t, ks)
+        tol = dict(atol=2e-3, rtol=1e-2) if dtype == F16 else dict(atol=1.5e-2, rtol=2e-2)
+        torch.testing.assert_close(dense, paged, **tol)
+        torch.testing.assert_close(compiled, paged, **tol)
+        ref, _ = decode_attention_reference(q, dequantize(k8, ks), dequantize(v8, 0.5), lens, head_dim ** -0.5)
+        torch.testing.assert_close(dense.double(), ref, **tol)
+
+
+def test_dense_fp8_graph_replay_follows_scales_and_lengths_changed_in_place():
+    g = torch.Generator().manual_seed(5)
+    k8 = torch.randn(2, 8, 3000, 128, generator=g).to(E4M3).cuda()
+    v8 = torch.randn(2, 8, 3000, 128, generator=g).to(E4M3).cuda()
+    q = torch.randn(2, 32, 128, generator=g).to(F16).cuda()
+    lens = torch.tensor([3000, 10], dtype=torch.int32, device="cuda")
+    ks, vs = torch.full((8,), 0.5, device="cuda"), torch.full((8,), 2.0, device="cuda")
+    out = torch.empty_like(q)
+    lean_tvm.decode_attention(q, k8, v8, lens, out=out, k_scale=ks, v_scale=vs)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lean_tvm.decode_attention(q, k8, v8, lens, out=out, k_scale=ks, v_scale=vs)
+    for new_lens, k_s, v_s in (([3000, 10], 0.5, 2.0), ([17, 2999], 8.0, 0.25), ([0, 1500], 1e-2, 1.0)):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        ks.fill_(k_s)
+        vs.fill_(v_s)
+        graph.replay()
+        torch.cuda.synchronize()
+        ro, _ = decode_attention_reference(q, dequantize(k8, k_s), dequantize(v8, v_s), new_lens, 128 ** -0.5)
+        torch.testing.assert_close(out.double(), ro, atol=4e-3 * max(v_s, 1), rtol=1e-2)
 
 
 def test_graph_replay_follows_scales_and_lengths_changed_in_place():
