@@ -26,7 +26,7 @@ from . import kv_fp8, streamk
 from . import signature as sig
 from .softmax import FLT_MAX, LOG2E, LSE_NATURAL, NEG_INF, LseConvention
 from .spec import AttentionSpec, StreamKConfig
-from .tiles import TileLayout, started_lens
+from .tiles import TileLayout, paged_buffers, started_lens
 
 
 def cpu_operator(spec: AttentionSpec, block_size: int) -> streamk.CpuOperator:
@@ -276,44 +276,24 @@ def make_cpu_paged_kernel(spec: AttentionSpec, block_size: int = 64, tile_cost: 
     seq_lens, leftpad int32 [B]; o [B, Sq, Hq, D], lse [B, Sq, Hq]; cache_len = pages x page
     (lengths are clamped to it); page = 2^page_size_log2. An fp8 spec (``spec.kv_dtype``) takes
     the pools as bytes and fp32 [Hkv] scales k_scale, v_scale after leftpad (``sig.PAGED_FP8_PARAMS``)."""
-    GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
     fp8 = spec.kv_dtype is not None
     write_output, write_empty = paged_outputs(spec)
     op = dataclasses.replace(cpu_operator(spec, block_size), write_output=write_output, write_empty=write_empty)
     run = run_walk_macro(spec, block_size, tile_cost, op=op)
-    one, two, d64, g64 = (tvm.tirx.const(x, "int64") for x in (1, 2, D, GM))
-    kv_dt = "uint8" if fp8 else dt
 
     @T.macro
     def body(q, k, v, block_table, seq_lens, leftpad, k_scale, v_scale, o, lse, ws_o, ws_ml, flags, softmax_scale,
              cache_len, page_size_log2, num_workers, num_splits):
-        B, SQ, HQ, HKV, P, PS, MP, WSN = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), \
-            T.int64(), T.int64()
-        sqb, sqs, sqh, skp, skh, skr = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        svp, svh, svr, stb = T.int64(), T.int64(), T.int64(), T.int64()
-        Q = T.match_buffer(q, (B, SQ, HQ, d64), dt, strides=(sqb, sqs, sqh, one))
-        K = T.match_buffer(k, (P, HKV, PS, d64), kv_dt, strides=(skp, skh, skr, one))
-        V = T.match_buffer(v, (P, HKV, PS, d64), kv_dt, strides=(svp, svh, svr, one))
-        TABLE = T.match_buffer(block_table, (B, MP), "int32", strides=(stb, one))
-        SL = T.match_buffer(seq_lens, (B,), "int32")
-        LP = T.match_buffer(leftpad, (B,), "int32")
-        KSC = T.meta_var(T.match_buffer(k_scale, (HKV,), "float32", strides=(T.int64(),)) if fp8 else None)
-        VSC = T.meta_var(T.match_buffer(v_scale, (HKV,), "float32", strides=(T.int64(),)) if fp8 else None)
-        O = T.match_buffer(o, (B, SQ, HQ, d64), dt)
-        LSE = T.match_buffer(lse, (B, SQ, HQ), "float32")
-        WSO = T.match_buffer(ws_o, (WSN, g64, d64), "float32")
-        WSML = T.match_buffer(ws_ml, (WSN, two, g64), "float32")
-        FLAGS = T.match_buffer(flags, (WSN,), "int32")
-        hkv, hq, sq = T.meta_var(T.Cast("int32", HKV)), T.meta_var(T.Cast("int32", HQ)), T.meta_var(T.Cast("int32", SQ))
-        g = T.meta_var(T.truncdiv(hq, hkv))
-        rows = T.meta_var(T.min(GM, sq * g))
-        lay = T.meta_var(TileLayout(rows, g, sq, T.truncdiv(sq * g + (rows - 1), rows)))
-        ctx = T.meta_var(SimpleNamespace(SL=started_lens(SL, LP, cache_len), B=T.Cast("int32", B), H=hkv * lay.C,
-                                         LMAX=cache_len, NW=num_workers, SPLITS=num_splits, FLAGS=FLAGS))
+        f = T.meta_var(paged_buffers(spec, q, k, v, block_table, seq_lens, leftpad, k_scale, v_scale, o, lse, ws_o,
+                                     ws_ml, flags))
+        lay = T.meta_var(f.lay)
+        ctx = T.meta_var(SimpleNamespace(SL=started_lens(f.SL, f.LP, cache_len), B=T.Cast("int32", f.B),
+                                         H=f.hkv * lay.C, LMAX=cache_len, NW=num_workers, SPLITS=num_splits,
+                                         FLAGS=f.FLAGS))
         inputs = T.meta_var(SimpleNamespace(
-            Q=_TileQueries(Q, lay), K=_TableRows(K, TABLE, LP, page_size_log2, lay, spec.kv_dtype, KSC),
-            V=_TableRows(V, TABLE, LP, page_size_log2, lay, spec.kv_dtype, VSC), O4=O, LSE4=LSE, WSO=WSO, WSML=WSML,
-            HQ=hq, G=rows, layout=lay, limit=lay.limit, scale=softmax_scale))
+            Q=_TileQueries(f.Q, lay), K=_TableRows(f.K, f.TABLE, f.LP, page_size_log2, lay, spec.kv_dtype, f.KSC),
+            V=_TableRows(f.V, f.TABLE, f.LP, page_size_log2, lay, spec.kv_dtype, f.VSC), O4=f.O, LSE4=f.LSE,
+            WSO=f.WSO, WSML=f.WSML, HQ=f.hq, G=f.rows, layout=lay, limit=lay.limit, scale=softmax_scale))
         run(ctx, inputs)
 
     params = sig.PAGED_FP8_PARAMS if fp8 else sig.PAGED_PARAMS

@@ -28,7 +28,7 @@ from . import kv_fp8, streamk
 from . import signature as sig
 from .softmax import FLT_MAX, LOG2E, LSE_NATURAL, NEG_INF, LseConvention
 from .spec import TRACE_EVENTS, AttentionSpec, GpuKnobs
-from .tiles import TileLayout, started_lens
+from .tiles import paged_buffers, started_lens
 
 MMA = {
     "float16": "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
@@ -751,45 +751,25 @@ def make_gpu_paged_kernel(spec: AttentionSpec, knobs: GpuKnobs | None = None, na
     one page per sequence: table[b, 0] = b, page_size_log2 = 30. An fp8 spec (``spec.kv_dtype``)
     takes the pools as bytes and fp32 [Hkv] scales k_scale, v_scale after leftpad
     (``sig.PAGED_FP8_PARAMS``): K's folds into the softmax scale, V's into the output."""
-    GM, D, dt = spec.max_group, spec.head_dim, spec.dtype
     fp8 = spec.kv_dtype is not None
-    kv_dt = "uint8" if fp8 else dt
+    kv_dt = "uint8" if fp8 else spec.dtype
     kernel = gpu_kernel_macro(spec, knobs or GpuKnobs(), paged=True)
-    one, two, d64, g64 = (tvm.tirx.const(x, "int64") for x in (1, 2, D, GM))
 
     @T.macro
     def body(q, k, v, block_table, seq_lens, leftpad, k_scale, v_scale, o, lse, ws_o, ws_ml, flags, softmax_scale,
              cache_len, page_size_log2, num_workers, num_splits, grid):
-        B, SQ, HQ, HKV, P, PS, MP, WSN = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), \
-            T.int64(), T.int64()
-        sqb, sqs, sqh, skp, skh, skr = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        svp, svh, svr, stb = T.int64(), T.int64(), T.int64(), T.int64()
-        Q = T.match_buffer(q, (B, SQ, HQ, d64), dt, strides=(sqb, sqs, sqh, one))
-        K = T.match_buffer(k, (P, HKV, PS, d64), kv_dt, strides=(skp, skh, skr, one))
-        V = T.match_buffer(v, (P, HKV, PS, d64), kv_dt, strides=(svp, svh, svr, one))
-        TABLE = T.match_buffer(block_table, (B, MP), "int32", strides=(stb, one))
-        SL = T.match_buffer(seq_lens, (B,), "int32")
-        LP = T.match_buffer(leftpad, (B,), "int32")
-        KSC = T.meta_var(T.match_buffer(k_scale, (HKV,), "float32", strides=(T.int64(),)) if fp8 else None)
-        VSC = T.meta_var(T.match_buffer(v_scale, (HKV,), "float32", strides=(T.int64(),)) if fp8 else None)
-        O = T.match_buffer(o, (B, SQ, HQ, d64), dt)
-        LSE = T.match_buffer(lse, (B, SQ, HQ), "float32")
-        WSO = T.match_buffer(ws_o, (WSN, g64, d64), "float32")
-        WSML = T.match_buffer(ws_ml, (WSN, two, g64), "float32")
-        FLAGS = T.match_buffer(flags, (WSN,), "int32")
-        KF = T.decl_buffer((skp * P,), kv_dt, data=K.data)
-        VF = T.decl_buffer((svp * P,), kv_dt, data=V.data)
-        QW = T.decl_buffer((sqb * B,), "uint32", data=Q.data)
-        TBF = T.decl_buffer((stb * B,), "int32", data=TABLE.data)
-        hkv, hq, sq = T.meta_var(T.Cast("int32", HKV)), T.meta_var(T.Cast("int32", HQ)), T.meta_var(T.Cast("int32", SQ))
-        g = T.meta_var(T.truncdiv(hq, hkv))
-        rows = T.meta_var(T.min(GM, sq * g))
-        lay = T.meta_var(TileLayout(rows, g, sq, T.truncdiv(sq * g + (rows - 1), rows)))
+        f = T.meta_var(paged_buffers(spec, q, k, v, block_table, seq_lens, leftpad, k_scale, v_scale, o, lse, ws_o,
+                                     ws_ml, flags))
+        KF = T.decl_buffer((f.skp * f.P,), kv_dt, data=f.K.data)
+        VF = T.decl_buffer((f.svp * f.P,), kv_dt, data=f.V.data)
+        QW = T.decl_buffer((f.sqb * f.B,), "uint32", data=f.Q.data)
+        TBF = T.decl_buffer((f.stb * f.B,), "int32", data=f.TABLE.data)
         src = T.meta_var(SimpleNamespace(
-            QW=QW, KF=KF, VF=VF, TBF=TBF, LP=LP, KSC=KSC, VSC=VSC, sqb=sqb, sqs=sqs, sqh=sqh, skp=skp, skh=skh,
-            skr=skr, svp=svp, svh=svh, svr=svr, stb=stb, PSL=page_size_log2, SL=started_lens(SL, LP, cache_len),
-            B=T.Cast("int32", B), HQ=hq, HKV=hkv, LMAX=cache_len, ROWS=rows, TILES=hkv * lay.C, layout=lay))
-        kernel(src, O, LSE, WSO, WSML, FLAGS, softmax_scale, num_workers, num_splits, grid, None)
+            QW=QW, KF=KF, VF=VF, TBF=TBF, LP=f.LP, KSC=f.KSC, VSC=f.VSC, sqb=f.sqb, sqs=f.sqs, sqh=f.sqh, skp=f.skp,
+            skh=f.skh, skr=f.skr, svp=f.svp, svh=f.svh, svr=f.svr, stb=f.stb, PSL=page_size_log2,
+            SL=started_lens(f.SL, f.LP, cache_len), B=T.Cast("int32", f.B), HQ=f.hq, HKV=f.hkv, LMAX=cache_len,
+            ROWS=f.rows, TILES=f.hkv * f.lay.C, layout=f.lay))
+        kernel(src, f.O, f.LSE, f.WSO, f.WSML, f.FLAGS, softmax_scale, num_workers, num_splits, grid, None)
 
     params = sig.PAGED_FP8_PARAMS if fp8 else sig.PAGED_PARAMS
     args = [p.name if fp8 or p.name not in ("k_scale", "v_scale") else None for p in sig.PAGED_FP8_PARAMS]
