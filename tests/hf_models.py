@@ -71,6 +71,21 @@ def assert_same_tokens_up_to_a_tie(lean_seq, sdpa_seq, sdpa_scores, prompt_len: 
             assert top2[0] - top2[1] <= tol, f"sequence {b} departs from SDPA's at step {step} without a tie"
 
 
+def check_left_padded_batch(model, lengths, vocab: int, device, seed: int, layers: int, tol: float) -> None:
+    """A left-padded batch of prompts of ``lengths``, 16 new tokens: every decode step of every layer
+    in lean_tvm; the tokens SDPA's (up to a tie of ``tol``) and SDPA's greedy choices; and each
+    sequence what it generates alone (where padding, if attended, would change it)."""
+    ids, mask = prompts(lengths, vocab, device, seed=seed)
+    seq, _, counts = generate(model, "lean_tvm", ids, mask, 16)
+    assert counts["lean_tvm"] == layers * 15
+    sdpa_seq, sdpa_scores, _ = generate(model, "sdpa", ids, mask, 16)
+    assert_same_tokens_up_to_a_tie(seq, sdpa_seq, sdpa_scores, ids.shape[1], tol)
+    assert_greedy_choices_agree(seq, ids.shape[1], sdpa_logits_over(model, seq, mask), tol)
+    for b, n in enumerate(lengths):
+        alone, alone_scores, _ = generate(model, "lean_tvm", ids[b:b + 1, -n:], mask[b:b + 1, -n:], 16)
+        assert_same_tokens_up_to_a_tie(seq[b:b + 1, -16:], alone[:, -16:], alone_scores, 0, tol)
+
+
 def stepped_logits(model, impl: str, tokens, prompt_len: int, cache, step: int = 1, padding_mask: bool = True):
     """Teacher-forced logits [forwards, step, V] (fp32) with attention ``impl``: a prompt of
     ``prompt_len`` tokens of ``tokens`` [1, T] into ``cache``, then the rest, ``step`` tokens per

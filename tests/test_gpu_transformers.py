@@ -16,6 +16,7 @@ import torch
 from hf_models import (
     assert_greedy_choices_agree,
     assert_same_tokens_up_to_a_tie,
+    check_left_padded_batch,
     generate,
     prompts,
     sdpa_logits_over,
@@ -71,16 +72,7 @@ def test_teacher_forced_logits_are_as_close_to_sdpa_as_eager_is(model, noise, ca
 
 
 def test_left_padded_batch_attends_no_padding(model, noise):
-    lengths = [50, 131, 300]
-    ids, mask = prompts(lengths, model.config.vocab_size, CUDA, seed=13)
-    seq, _, counts = generate(model, "lean_tvm", ids, mask, 16)
-    assert counts["lean_tvm"] == LAYERS * 15
-    sdpa_seq, sdpa_scores, _ = generate(model, "sdpa", ids, mask, 16)
-    assert_same_tokens_up_to_a_tie(seq, sdpa_seq, sdpa_scores, ids.shape[1], noise)
-    assert_greedy_choices_agree(seq, ids.shape[1], sdpa_logits_over(model, seq, mask), noise)
-    for b, n in enumerate(lengths):
-        alone, alone_scores, _ = generate(model, "lean_tvm", ids[b:b + 1, -n:], mask[b:b + 1, -n:], 16)
-        assert_same_tokens_up_to_a_tie(seq[b:b + 1, -16:], alone[:, -16:], alone_scores, 0, noise)
+    check_left_padded_batch(model, [50, 131, 300], model.config.vocab_size, CUDA, seed=13, layers=LAYERS, tol=noise)
 
 
 def test_static_cache_compiled_into_cuda_graphs_matches_sdpa(model, noise):

@@ -12,6 +12,7 @@ from hf_models import (
     NO_SPECIAL_TOKENS,
     assert_greedy_choices_agree,
     assert_same_tokens_up_to_a_tie,
+    check_left_padded_batch,
     generate,
     prompts,
     sdpa_logits_over,
@@ -103,16 +104,7 @@ def test_a_forward_without_a_padding_mask_decodes_over_lengths_only(llama, cache
 def test_left_padded_batch_attends_no_padding(llama):
     """Three prompts of 5, 13 and 22 tokens in one left-padded batch: each sequence generates what
     it generates alone (where padding, if attended, would change it), and what SDPA generates."""
-    lengths = [5, 13, 22]
-    ids, mask = prompts(lengths, 256, seed=4)
-    seq, _, counts = generate(llama, "lean_tvm", ids, mask, 16)
-    assert counts["lean_tvm"] == LAYERS * 15
-    sdpa_seq, sdpa_scores, _ = generate(llama, "sdpa", ids, mask, 16)
-    assert_same_tokens_up_to_a_tie(seq, sdpa_seq, sdpa_scores, ids.shape[1], TIE)
-    assert_greedy_choices_agree(seq, ids.shape[1], sdpa_logits_over(llama, seq, mask), TIE)
-    for b, n in enumerate(lengths):
-        alone, alone_scores, _ = generate(llama, "lean_tvm", ids[b:b + 1, -n:], mask[b:b + 1, -n:], 16)
-        assert_same_tokens_up_to_a_tie(seq[b:b + 1, -16:], alone[:, -16:], alone_scores, 0, TIE)
+    check_left_padded_batch(llama, [5, 13, 22], 256, "cpu", seed=4, layers=LAYERS, tol=TIE)
 
 
 def test_static_cache_compiled_fullgraph_matches_sdpa(llama):
