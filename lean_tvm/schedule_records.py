@@ -74,14 +74,20 @@ def fits(knobs: GpuKnobs, spec: AttentionSpec, arch: str) -> bool:
             and knobs.ctas_per_sm * (per_cta + SMEM_RESERVED_PER_BLOCK) <= SMEM_PER_SM.get(arch, 102400))
 
 
+def _fitting(knobs: dict, spec: AttentionSpec, arch: str, refusal: str) -> GpuKnobs:
+    """A record's knobs, refused with ``refusal`` (formatted with the kernel's name and the arch)
+    if they do not fit the arch's shared memory."""
+    made = GpuKnobs(**knobs)
+    if not fits(made, spec, arch):
+        raise ValueError(refusal.format(name=spec.name, arch=arch) + f": {made}")
+    return made
+
+
 def knobs_for(records: list[dict], spec: AttentionSpec, arch: str) -> GpuKnobs:
     """The record's knobs, else defaults with as many pipeline stages (<= 4) as fit."""
     found = _record(records, spec)
     if found is not None:
-        knobs = GpuKnobs(**found["knobs"])
-        if not fits(knobs, spec, arch):
-            raise ValueError(f"schedule record for {spec.name} on {arch} does not fit shared memory: {knobs}")
-        return knobs
+        return _fitting(found["knobs"], spec, arch, "schedule record for {name} on {arch} does not fit shared memory")
     if spec.kv_dtype:
         return _fp8_from_16bit(knobs_for(records, dataclasses.replace(spec, kv_dtype=None), arch), spec, arch)
     for stages in (4, 3, 2):
@@ -101,10 +107,7 @@ def batch_knobs(records: list[dict], spec: AttentionSpec, arch: str) -> GpuKnobs
     if found is not None:
         if "batch_knobs" not in found:
             return None
-        knobs = GpuKnobs(**found["batch_knobs"])
-        if not fits(knobs, spec, arch):
-            raise ValueError(f"batch knobs for {spec.name} on {arch} do not fit shared memory: {knobs}")
-        return knobs
+        return _fitting(found["batch_knobs"], spec, arch, "batch knobs for {name} on {arch} do not fit shared memory")
     if spec.kv_dtype:
         return _fp8_from_16bit(batch_knobs(records, dataclasses.replace(spec, kv_dtype=None), arch), spec, arch)
     return None
