@@ -7,10 +7,9 @@ import math
 
 import pytest
 import torch
-from helpers import assert_attention_close, paged_case
+from helpers import assert_fp8_dense_close, assert_fp8_paged_close, paged_case
 
 import lean_tvm
-from lean_tvm.reference import decode_attention_reference, dequantize, gather_pages
 
 pytest.importorskip("tvm")  # the CPU library
 
@@ -50,17 +49,7 @@ def test_dense_fp8_matches_float64(lens, sq, hq, hkv, head_dim, dtype, fp8, ks, 
     k, v = stored(shape, fp8, g), stored(shape, fp8, g)
     k_scale, v_scale = _scales(ks, hkv, g), _scales(vs, hkv, g)
     q = torch.randn(batch, sq, hq, head_dim, generator=g).to(dtype)
-    lens_t = torch.tensor(lens, dtype=torch.int32)
-    o, lse = lean_tvm.decode_attention(q, k, v, lens_t, layout=layout, k_scale=k_scale, v_scale=v_scale,
-                                       return_lse=True)
-    kd, vd = dequantize(k, k_scale, layout), dequantize(v, v_scale, layout)
-    if layout == "blhd":
-        kd, vd = kd.permute(0, 2, 1, 3), vd.permute(0, 2, 1, 3)
-    ro, rl = decode_attention_reference(q, kd, vd, lens, head_dim ** -0.5)
-    # compared relative to each head's values (v_scale spans 1e-3..1e3)
-    size = (v_scale.repeat_interleave(hq // hkv).view(1, 1, hq, 1) if isinstance(v_scale, torch.Tensor)
-            else torch.tensor(v_scale or 1.0))
-    assert_attention_close(o / size, lse, ro / size.double(), rl, dtype)
+    assert_fp8_dense_close(q, k, v, lens, layout, k_scale, v_scale)  # v_scale spans 1e-3..1e3: relative
 
 
 PAGED = [  # lens, Sq, Hq, Hkv, page, q dtype, fp8, layout
@@ -77,12 +66,7 @@ def test_paged_fp8_matches_float64(lens, sq, hq, hkv, page, dtype, fp8, layout):
     g = torch.Generator().manual_seed(sq)
     k8, v8 = k.float().to(fp8), v.float().to(fp8)
     k_scale, v_scale = per_head(hkv, 0.01, 100, g), 0.25
-    o, lse = lean_tvm.decode_attention(q, k8, v8, lens_t, block_table=table, layout=layout, k_scale=k_scale,
-                                       v_scale=v_scale, return_lse=True)
-    kd = gather_pages(dequantize(k8, k_scale, layout), table, lens_t.tolist(), layout)
-    vd = gather_pages(dequantize(v8, v_scale, layout), table, lens_t.tolist(), layout)
-    ro, rl = decode_attention_reference(q, kd, vd, lens, 1 / 8)
-    assert_attention_close(o, lse, ro, rl, dtype)
+    assert_fp8_paged_close(q, k8, v8, table, lens_t, layout, k_scale, v_scale)
 
 
 def test_fp8_equals_the_16bit_path_on_the_dequantised_values():

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_attention_close, paged_case
+from helpers import assert_fp8_dense_close, assert_fp8_paged_close, paged_case
 
 import lean_tvm
 from lean_tvm.reference import decode_attention_reference, dequantize, gather_pages
@@ -27,13 +27,6 @@ def scales(kind, hkv, seed):
         return kind
     g = torch.Generator().manual_seed(seed)
     return torch.exp(torch.empty(hkv).uniform_(math.log(1e-3), math.log(1e3), generator=g)).float().cuda()
-
-
-def relative(o, v_scale, hq, hkv):
-    """o over its head's V scale: errors are compared relative to the values' size."""
-    if isinstance(v_scale, torch.Tensor):
-        return o / v_scale.repeat_interleave(hq // hkv).view(1, 1, hq, 1).to(o.device)
-    return o / (v_scale or 1.0)
 
 
 DENSE = [  # lens, Sq, Hq, Hkv, D, q dtype, fp8, k_scale, v_scale, layout
@@ -57,15 +50,7 @@ def test_dense_fp8_matches_float64(lens, sq, hq, hkv, head_dim, dtype, fp8, ks, 
     k = torch.randn(shape, generator=g).to(fp8).cuda()
     v = torch.randn(shape, generator=g).to(fp8).cuda()
     q = torch.randn(batch, sq, hq, head_dim, generator=g).to(dtype).cuda()
-    k_scale, v_scale = scales(ks, hkv, 1), scales(vs, hkv, 2)
-    lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    o, lse = lean_tvm.decode_attention(q, k, v, lens_t, layout=layout, k_scale=k_scale, v_scale=v_scale,
-                                       return_lse=True)
-    kd, vd = dequantize(k, k_scale, layout), dequantize(v, v_scale, layout)
-    if layout == "blhd":
-        kd, vd = kd.permute(0, 2, 1, 3), vd.permute(0, 2, 1, 3)
-    ro, rl = decode_attention_reference(q, kd, vd, lens, head_dim ** -0.5)
-    assert_attention_close(relative(o, v_scale, hq, hkv), lse, relative(ro, v_scale, hq, hkv), rl, dtype)
+    assert_fp8_dense_close(q, k, v, lens, layout, scales(ks, hkv, 1), scales(vs, hkv, 2))
 
 
 PAGED = [  # lens, Sq, Hq, Hkv, page, q dtype, fp8, layout, D
@@ -85,12 +70,7 @@ def test_paged_fp8_matches_float64(lens, sq, hq, hkv, page, dtype, fp8, layout, 
     q, k, v, table, lens_t = paged_case(lens, sq, hq, hkv, page, dtype, layout, head_dim, share=True, device="cuda")
     k8, v8 = k.float().to(fp8), v.float().to(fp8)
     k_scale, v_scale = scales("head", hkv, 3), 0.125
-    o, lse = lean_tvm.decode_attention(q, k8, v8, lens_t, block_table=table, layout=layout, k_scale=k_scale,
-                                       v_scale=v_scale, return_lse=True)
-    kd = gather_pages(dequantize(k8, k_scale, layout), table, lens_t.tolist(), layout)
-    vd = gather_pages(dequantize(v8, v_scale, layout), table, lens_t.tolist(), layout)
-    ro, rl = decode_attention_reference(q, kd, vd, lens, head_dim ** -0.5)
-    assert_attention_close(o, lse, ro, rl, dtype)
+    assert_fp8_paged_close(q, k8, v8, table, lens_t, layout, k_scale, v_scale)
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16])
