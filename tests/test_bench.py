@@ -627,3 +627,20 @@ def test_fp8_kernels_share_a_record_across_fp8_dtypes_and_fall_back_to_the_16bit
     assert batch_tile_cost([base, fp8], e5m2) == 6  # the fp8 record has none of its own
     assert knobs_for([base], e5m2, "sm_90a") == GpuKnobs(**{**k16, "stages": 4})
     assert knobs_for([base, fp8], AttentionSpec("float16", 128, 8), "sm_90a") == GpuKnobs(**k16)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "float8_e4m3fn"])
+def test_tune_case_reference_is_attention_over_the_real_values(kv_dtype):
+    """The tuner's correctness gate compares each candidate with this reference: softmax(q K^T) V per
+    sequence over its own length, on the dequantised values (each head's scale) for an fp8 cache."""
+    from lean_tvm.bench.tune import _Case
+
+    lens = [100, 37, 64]
+    case = _Case(torch.device("cpu"), "float16", kv_dtype, 3, 8, 2, 64, lens)
+    k, v = case.k.float(), case.v.float()
+    if kv_dtype:
+        k, v = k * case.scales[0].view(1, 2, 1, 1), v * case.scales[1].view(1, 2, 1, 1)
+    for b, n in enumerate(lens):
+        for h in range(8):
+            p = torch.softmax(case.q[b, 0, h].float() @ k[b, h // 4, :n].T * case.scale, -1)
+            torch.testing.assert_close(case.ref[b, 0, h].float(), p @ v[b, h // 4, :n], atol=1e-5, rtol=1e-5)

@@ -9,7 +9,7 @@ Three steps, so that the GPU machine needs neither TVM nor nvcc:
 ``build`` compiles every candidate that fits the arch's shared memory (rows per warp step,
 warps, pipeline stages, CTAs per SM; fp8 caches' paged kernels with ``--kv-dtypes``) into one
 library; ``measure`` times each on a set of shape classes (small / medium / long
-context, a batch, a ragged batch) and checks its output against a float32 reference; ``select``
+context, a batch, a ragged batch) and checks its output against the float64 reference; ``select``
 keeps, per kernel, the correct candidate with the best geometric mean of (time / best time of
 that shape).
 """
@@ -92,7 +92,7 @@ def _shape_group(spec_max_group: int) -> int:
 def measure(lib_dir: str, out_path: str, reps: int = 10, rounds: int = 3) -> dict:
     """Every candidate on every shape class, the candidates of a kernel family timed in interleaved
     rounds (``timing.interleaved``) so that a slow minute of the GPU hits all of them alike; each
-    candidate's output is then compared with a float32 reference (``max_err``, relative to the
+    candidate's output is then compared with the float64 reference (``max_err``, relative to the
     largest output), so that ``select`` never keeps a fast wrong kernel."""
     import torch
 
@@ -134,7 +134,7 @@ MAX_ERR = 2e-2  # a candidate's output error (relative to the largest output) pa
 
 class _Case:
     """One shape's inputs (a 16-bit [B, Hkv, L, D] cache, or an fp8 one with per-head scales served
-    by the paged kernel as one page per sequence), its float32 reference and its launches."""
+    by the paged kernel as one page per sequence), its float64 reference and its launches."""
 
     def __init__(self, dev, dtype: str, kv_dtype: str | None, batch: int, hq: int, hkv: int, head_dim: int,
                  lens: list[int]):
@@ -156,19 +156,12 @@ class _Case:
         self.ref = self._reference(lens)
 
     def _reference(self, lens: list[int]):
-        import torch
+        from ..reference import decode_attention_reference, dequantize
 
-        k, v = self.k.float(), self.v.float()
+        k, v = self.k, self.v
         if self.kv_dtype:
-            k, v = k * self.scales[0][:, None, None], v * self.scales[1][:, None, None]
-        batch, _, hq, d = self.q.shape
-        hkv = k.shape[1]
-        q = self.q.float().view(batch, hkv, hq // hkv, d)
-        ref = torch.empty(batch, hkv, hq // hkv, d, device=q.device)
-        for b, n in enumerate(lens):
-            p = torch.softmax(q[b] @ k[b, :, :n].transpose(1, 2) * self.scale, dim=-1)
-            ref[b] = p @ v[b, :, :n]
-        return ref.view(batch, 1, hq, d)
+            k, v = dequantize(k, self.scales[0]), dequantize(v, self.scales[1])
+        return decode_attention_reference(self.q, k, v, lens, self.scale)[0]
 
     def launch(self, info):
         from .. import runtime
@@ -186,7 +179,7 @@ class _Case:
         return lambda: fn(self.q, k8, v8, table, self.lens, start, self.out, self.lse, self.scale, 30, *self.scales)
 
     def error(self) -> float:
-        return float((self.out.float() - self.ref).abs().max() / self.ref.abs().max())
+        return float((self.out.double() - self.ref).abs().max() / self.ref.abs().max())
 
 
 def _pick(cands: dict[str, dict[str, float]], best: dict[str, float], current: dict | None, knobs_of: dict) -> str:
