@@ -644,3 +644,14 @@ def test_tune_case_reference_is_attention_over_the_real_values(kv_dtype):
         for h in range(8):
             p = torch.softmax(case.q[b, 0, h].float() @ k[b, h // 4, :n].T * case.scale, -1)
             torch.testing.assert_close(case.ref[b, 0, h].float(), p @ v[b, h // 4, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_fp8_accuracy_on_the_cpu_library(tmp_path):
+    """``python -m lean_tvm.bench.fp8_accuracy --device cpu --small``: a row per q dtype, fp8 dtype
+    and scale kind, each within the tests' tolerance (exit 0), written to results.md."""
+    from lean_tvm.bench import fp8_accuracy
+
+    assert fp8_accuracy.main(["--device", "cpu", "--small", "--out", str(tmp_path)]) == 0
+    rows = [ln for ln in (tmp_path / "results.md").read_text().splitlines() if ln.startswith("|") and "| float8" in ln]
+    assert len(rows) == 2 * 2 * len(fp8_accuracy.SCALE_KINDS)
+    assert all(0 < float(r.split("|")[-2]) <= 1 for r in rows)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import lean_tvm
-from lean_tvm.reference import decode_attention_reference, dequantize
+from lean_tvm.reference import decode_attention_reference, dequantize, gather_pages
 
 from .suite import git_commit
 
@@ -69,8 +69,7 @@ def case_errors(lens, sq, hq, hkv, head_dim, page, dtype, fp8, kind, device, see
                                        k_scale=ks, v_scale=vs, return_lse=True)
     kd, vd = dequantize(k, ks, layout), dequantize(v, vs, layout)
     if page:  # the reference reads the pages as a dense [B, Hkv, L, D] cache
-        kd = kd[table.long()].reshape(batch, -1, hkv, head_dim).transpose(1, 2)
-        vd = vd[table.long()].reshape(batch, -1, hkv, head_dim).transpose(1, 2)
+        kd, vd = gather_pages(kd, table, lens, layout), gather_pages(vd, table, lens, layout)
     ref_o, ref_lse = decode_attention_reference(q.cpu(), kd.cpu(), vd.cpu(), lens, 1 / math.sqrt(head_dim))
     unit = _per_head(vs, hq, hkv)
     err = (o.cpu().double() - ref_o) / unit
