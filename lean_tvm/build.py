@@ -29,10 +29,11 @@ from pathlib import Path
 
 from .library import ATTENTION_OP, DENSE, GEMV_OP, MANIFEST, PAGED, cache_root, find_library_dir, library_name
 from .schedule_records import batch_knobs, batch_tile_cost, knobs_for, load_records
-from .spec import DTYPES, HEAD_DIMS, KV_DTYPES, MAX_GROUPS, AttentionSpec
+from .spec import DTYPES, HEAD_DIMS, KV_DTYPES, MAX_GROUPS, PROGRAMMATIC_MARK, AttentionSpec
 
 SUPPORTED_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a")  # mma bf16, cp.async, movmatrix
 FP8_ARCHS = ("sm_89", "sm_90", "sm_90a")  # cvt.rn.f16x2.e4m3x2 / e5m2x2: the fp8 cache kernels
+PDL_ARCHS = ("sm_90", "sm_90a")  # griddepcontrol: programmatic dependent launch (programmatic_launch)
 
 
 class BuildError(RuntimeError):
@@ -163,6 +164,8 @@ def compile_library(arch: str, out_dir: str, funcs: dict, kernels: list[dict], k
     os.makedirs(out_dir, exist_ok=True)
     _log(f"TIR -> CUDA C++ ({len(funcs)} kernels, {arch})")
     src = remember_smem_attribute(cuda_source_of_module(tvm.IRModule(funcs), arch))
+    if arch in PDL_ARCHS:
+        src = programmatic_launch(src)
     lib = os.path.join(out_dir, library or library_name(arch))
     usage = nvcc_library(arch, src, lib)
     for k in kernels:
@@ -210,6 +213,46 @@ def remember_smem_attribute(src: str) -> str:
                 f"    {kernel}_smem[cuda_device & 63] = {arg};\n  }}\n")
 
     return _SET_SMEM.sub(once, src)
+
+
+_KERNEL_DEF = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\([^;{]*\) \{')
+_LAUNCH = re.compile(r"(  cuda_config\.stream = cuda_stream;\n)"
+                     r"(  if \(::tvm_cuda_host_check\(tvm_cuda_host_launch\(::(\w+), )")
+_PDL_SWITCH = """
+#include <stdlib.h>
+static int lean_programmatic_launch() {
+  // LEAN_TVM_PDL=0 launches without the programmatic-serialization attribute (read once).
+  static const int on = [] { const char* v = getenv("LEAN_TVM_PDL"); return v == NULL || v[0] != '0'; }();
+  return on;
+}
+"""
+
+
+def programmatic_launch(src: str) -> str:
+    """Launch the kernels that wait for the previous grid (``spec.PROGRAMMATIC_MARK``) with
+    programmatic stream serialization: a kernel then starts while its predecessor in the stream
+    finishes (its CTAs scheduled, its parameters loaded) and waits in ``griddepcontrol.wait``
+    before touching memory. Only those kernels: another kernel launched so would read its inputs
+    before they are written. ``LEAN_TVM_PDL=0`` turns it off at run time."""
+    starts = [(m.start(), m.group(1)) for m in _KERNEL_DEF.finditer(src)]
+    host = src.find("static int tvm_cuda_host_check")
+    waiting = set()
+    for i, (pos, name) in enumerate(starts):
+        end = starts[i + 1][0] if i + 1 < len(starts) else host
+        if PROGRAMMATIC_MARK + "();" in src[pos:end]:
+            waiting.add(name)
+
+    def attribute(m: re.Match) -> str:
+        if m.group(3) not in waiting:
+            return m.group(0)
+        return (m.group(1) + "  cudaLaunchAttribute cuda_attr[1];\n"
+                "  cuda_attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;\n"
+                "  cuda_attr[0].val.programmaticStreamSerializationAllowed = lean_programmatic_launch();\n"
+                "  cuda_config.attrs = cuda_attr;\n  cuda_config.numAttrs = 1;\n" + m.group(2))
+
+    if not waiting:
+        return src
+    return src[:host] + _PDL_SWITCH.lstrip("\n") + _LAUNCH.sub(attribute, src[host:])
 
 
 def nvcc_library(arch: str, src: str, lib: str) -> dict[str, dict[str, int]]:

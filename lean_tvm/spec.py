@@ -13,6 +13,9 @@ MAX_GROUPS = (8, 16)
 KV_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 KV_TAGS = {"float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2"}
 GEMV_ROWS = 16  # output rows per tile of the split-K GEMV
+# The device function a kernel calls before its first memory access when it may be launched
+# programmatically (streamk.AFTER_PREVIOUS_GRID; build.programmatic_launch finds it by this name).
+PROGRAMMATIC_MARK = "lean_after_previous_grid"
 # Phases the debug build stamps with %globaltimer (thread 0 of each CTA; later pieces overwrite).
 TRACE_EVENTS = ("start", "planned", "tile_begun", "prefetch_issued", "first_step_done", "piece_end",
                 "combined", "flags_acquired", "merged", "published", "done")

@@ -28,7 +28,7 @@ from typing import Any
 from tvm.script import tirx as T
 
 from .plan import BLOCK_COST
-from .spec import TRACE_EVENTS, StreamKConfig
+from .spec import PROGRAMMATIC_MARK, TRACE_EVENTS, StreamKConfig
 
 # Cursor layout (a local int32[5]): the block and the tile that holds it.
 BLK, SEQ, HEAD, TSTART, TEND = range(5)
@@ -332,6 +332,23 @@ __forceinline__ __device__ unsigned long long lean_globaltimer() {
 """
 
 
+# Programmatic dependent launch (Hopper): a kernel launched with the programmatic-serialization
+# attribute (``build.programmatic_launch``) may start while the previous kernel of its stream still
+# runs; it waits here, before its first global memory access, until that kernel has finished and
+# its writes are visible (the lengths, q and K/V may be its outputs), then lets the next such
+# kernel start early. Without the attribute both instructions are no-ops; below sm_90 they are
+# compiled out. ``spec.PROGRAMMATIC_MARK`` is how the build finds the kernels that wait.
+AFTER_PREVIOUS_GRID = """
+__forceinline__ __device__ int lean_after_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+  return 0;
+}
+"""
+
+
 def gpu_walk(cfg: StreamKConfig):
     """The persistent GPU form: CTAs walk workers bx, bx + grid, ...; per warp a cp.async
     pipeline ``stages`` deep runs over the whole range, across tile boundaries."""
@@ -453,6 +470,7 @@ def gpu_walk(cfg: StreamKConfig):
 
     @T.macro
     def walk(ctx, op, bufs):
+        T.evaluate(T.cuda.func_call(PROGRAMMATIC_MARK, source_code=AFTER_PREVIOUS_GRID, return_type="int32"))
         trace(ctx, "start")
         plan_setup(ctx)
         op.setup(bufs)

@@ -1,6 +1,7 @@
 """Per-call wall time from Python (no CUDA graph), B=1 Hq/Hkv 32/8 D=128 L=4k: the public API (dense
 and paged), the pieces of its eager path, the launch path under it, the bare tvm-ffi call beside
-a 3-argument one (what tvm-ffi's tensor conversion costs), and torch SDPA.
+a 3-argument one (what tvm-ffi's tensor conversion costs), torch's smallest launch (the
+machine's floor) and torch SDPA.
 
     python scripts/host_overhead.py          # CUDA
     python scripts/host_overhead.py --cpu    # host-side proxy: CPU tensors, the kernel call a no-op
@@ -99,6 +100,8 @@ def main() -> None:
         one, ws_g, flags_g = torch.tensor([8], dtype=torch.int32, device=dev), *runtime.WORKSPACE.get(dev, 1, (16,))
         rows["bare tvm-ffi GEMV call, 9 arguments (6 tensors)"] = lambda: small(w, x, one, y, ws_g, flags_g, 1, 0, 1)
     if not args.cpu:
+        one_elem = torch.zeros(1, device=dev)
+        rows["torch one-element add_ (this machine's launch floor)"] = lambda: one_elem.add_(1)
         q4 = q[:, :, None]
         rows["torch SDPA (cuDNN)"] = lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):

@@ -655,3 +655,42 @@ def test_fp8_accuracy_on_the_cpu_library(tmp_path):
     rows = [ln for ln in (tmp_path / "results.md").read_text().splitlines() if ln.startswith("|") and "| float8" in ln]
     assert len(rows) == 2 * 2 * len(fp8_accuracy.SCALE_KINDS)
     assert all(0 < float(r.split("|")[-2]) <= 1 for r in rows)
+
+
+def test_pdl_bench_configs_summary_and_table(tmp_path):
+    """The PDL benchmark's driver: configurations parsed from the command line, rounds reduced to
+    a median per (shape, pattern, configuration) with their range, the table's ratios against the
+    first configuration; bad --configs and a machine without CUDA are clear errors."""
+    from lean_tvm.bench import pdl
+
+    configs = pdl.parse_configs("pdl:;off:LEAN_TVM_PDL=0;old:LEAN_TVM_LIB_DIR=lib,LEAN_TVM_PDL=0")
+    assert configs == [("pdl", {}), ("off", {"LEAN_TVM_PDL": "0"}),
+                       ("old", {"LEAN_TVM_LIB_DIR": "lib", "LEAN_TVM_PDL": "0"})]
+    for bad in ("pdl:X", "a:;a:", ":B=1"):
+        with pytest.raises(SystemExit, match="--configs"):
+            pdl.parse_configs(bad)
+    samples = [{"shape": "B1", "pattern": "chain", "config": c, "us": us, "p10_us": us - 1, "p90_us": us + 1}
+               for c, us in (("pdl", 10.0), ("pdl", 12.0), ("pdl", 11.0), ("off", 13.0), ("off", 15.0))]
+    rows = pdl.summarize(samples, ["pdl", "off"])
+    assert [(r["config"], r["us"], r["round_lo_us"], r["round_hi_us"], r["rounds"]) for r in rows] == [
+        ("pdl", 11.0, 10.0, 12.0, 3), ("off", 14.0, 13.0, 15.0, 2)]
+    meta = {"gpu": "G", "date": "D", "commit": "C", "reps": 20, "configs": configs[:2]}
+    table = pdl.markdown(rows, ["pdl", "off"], meta)
+    assert "| B1 | chain | 11.00 [10.00, 12.00] | 14.00 [13.00, 15.00] | 1.273 |" in table
+    assert "`off` (LEAN_TVM_PDL=0)" in table
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA"):
+            pdl.main(["--out", str(tmp_path)])
+
+
+def test_worker_sweep_table_names_the_rule_and_the_best_count(tmp_path):
+    from lean_tvm.bench import workers
+
+    rows = [{"shape": "B1 8/1", "workers": n, "rule": int(n == 48), "us": us} for n, us in ((32, 20.0), (48, 19.0),
+                                                                                           (64, 17.1))]
+    table = workers.markdown(rows, {"gpu": "G", "date": "D", "commit": "C"})
+    assert "| B1 8/1 | 48 | 19.0 | 64 | 17.1 | 1.111 | 32: 20.0, 48: 19.0, 64: 17.1 |" in table
+    assert {s.name for s in workers.SHAPES} >= {"B1 8/1 D128 fp16 L32k", "B1 32/8 D128 fp16 L4k"}
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA"):
+            workers.main(["--out", str(tmp_path)])

@@ -236,3 +236,42 @@ def test_launchers_raise_the_shared_memory_limit_once_per_device(built):
     src = (out / f"lean_tvm_{arch}.cu").read_text()
     sets = src.count("cudaFuncSetAttribute(::")
     assert sets >= 4 and src.count("_smem[cuda_device & 63] = ") == sets and ">= 49152" not in src
+
+
+@needs_nvcc
+def test_stream_k_kernels_launch_programmatically_on_hopper_only(built):
+    """On sm_90a every kernel of the library waits for the previous grid before touching memory
+    (``griddepcontrol.wait``, compiled in from ``__CUDA_ARCH__ >= 900``) and its launcher sets the
+    programmatic-serialization attribute behind the LEAN_TVM_PDL switch; the sm_80 library's
+    launchers do not (the instruction does not exist there)."""
+    arch, out, manifest = built
+    src = (out / f"lean_tvm_{arch}.cu").read_text()
+    launches = src.count("tvm_cuda_host_launch(::")
+    assert launches == len(manifest["kernels"])
+    attrs = src.count("cuda_attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;")
+    assert attrs == (launches if arch in build.PDL_ARCHS else 0)
+    assert src.count("lean_after_previous_grid();") == launches
+    assert ('getenv("LEAN_TVM_PDL")' in src) == (arch in build.PDL_ARCHS)
+
+
+def test_programmatic_launch_patches_only_the_kernels_that_wait():
+    """A kernel that does not wait for the previous grid must not start before it ends: its
+    launcher is left alone (it would read inputs not yet written)."""
+    def kernel(name, body):
+        return f'extern "C" __global__ void __launch_bounds__(128) {name}(int* x) {{\n{body}\n}}\n'
+
+    def launcher(name):
+        return ("  cudaLaunchConfig_t cuda_config = {};\n  cuda_config.stream = cuda_stream;\n"
+                f"  if (::tvm_cuda_host_check(tvm_cuda_host_launch(::{name}, &cuda_config, x), true) != 0) "
+                "return -1;\n")
+
+    src = (kernel("waits", "  lean_after_previous_grid();\n  x[0] = 1;") + kernel("plain", "  x[0] = 2;")
+           + "static int tvm_cuda_host_check(cudaError_t error) { return 0; }\n"
+           + launcher("waits") + launcher("plain"))
+    out = build.programmatic_launch(src)
+    waits, plain = out.split("tvm_cuda_host_launch(::waits")
+    assert "cudaLaunchAttributeProgrammaticStreamSerialization" in waits.split("static int tvm_cuda_host_check")[1]
+    assert "cudaLaunchAttribute" not in plain
+    assert out.count("static int lean_programmatic_launch()") == 1
+    assert build.programmatic_launch(src.replace("lean_after_previous_grid();", "")) == src.replace(
+        "lean_after_previous_grid();", "")
