@@ -678,6 +678,9 @@ def test_pdl_bench_configs_summary_and_table(tmp_path):
     table = pdl.markdown(rows, ["pdl", "off"], meta)
     assert "| B1 | chain | 11.00 [10.00, 12.00] | 14.00 [13.00, 15.00] | 1.273 |" in table
     assert "`off` (LEAN_TVM_PDL=0)" in table
+    report.write_csv(rows, tmp_path / "pdl.csv", fields=list(rows[0]))
+    assert (tmp_path / "pdl.csv").read_text().splitlines()[:2] == [
+        "shape,pattern,config,us,round_lo_us,round_hi_us,p10_us,p90_us,rounds", "B1,chain,pdl,11,10,12,9,13,3"]
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA"):
             pdl.main(["--out", str(tmp_path)])

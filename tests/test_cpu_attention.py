@@ -114,6 +114,14 @@ def test_stream_k_workers_bounded_by_the_work(tiles, blocks, resident):
         assert w <= 3 * math.sqrt(blocks) + 1  # a lone tile: few partials to merge
 
 
+@pytest.mark.parametrize("tiles,blocks,want", [(1, 16, 8), (1, 64, 16), (1, 128, 32), (1, 256, 32), (1, 512, 64),
+                                               (1, 1024, 64), (8, 16, 64), (8, 32, 128), (1, 100, 20), (1, 97, 20)])
+def test_stream_k_workers_follow_the_h200_sweep(tiles, blocks, want):
+    """The counts the H200 sweep (results/h200/workers) found fastest, or within 3.3% of it; a split
+    grows to divide the blocks evenly (100 blocks: 20 x 5), a prime count keeps 2 sqrt(blocks)."""
+    assert P.stream_k_workers(tiles, blocks, 132) == want
+
+
 @pytest.mark.parametrize("tiles,resident,want", [(8, 132, 128), (64, 132, 128), (256, 132, 128), (1, 132, 132),
                                                  (3, 132, 132), (48, 132, 132), (24, 132, 120), (7, 4, 4)])
 def test_aligned_workers_cut_tiles_evenly_without_idling_many_sms(tiles, resident, want):

@@ -213,8 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "torch": torch.__version__, "configs": configs, "rounds": args.rounds, "reps": args.reps,
             "layers": args.layers, "argv": portable_argv()}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, args.out / "results.csv")
-    write_csv(samples, args.out / "rounds.csv")
+    write_csv(rows, args.out / "results.csv", fields=list(rows[0]))
+    write_csv(samples, args.out / "rounds.csv", fields=list(samples[0]))
     (args.out / "results.md").write_text(markdown(rows, labels, meta))
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
     write_plot(rows, labels, args.out)

@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from .grid import Shape
@@ -92,12 +93,13 @@ def _fmt_num(x) -> str:
     return str(x)
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path, fields: Sequence[str] = FIELDS) -> None:
+    """The suite's columns by default; a tool with rows of its own passes their keys."""
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: _fmt_num(r.get(k, "")) for k in FIELDS})
+            w.writerow({k: _fmt_num(r.get(k, "")) for k in fields})
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "rounds": args.rounds, "reps": args.reps, "argv": portable_argv()}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, args.out / "results.csv")
+    write_csv(rows, args.out / "results.csv", fields=list(rows[0]))
     (args.out / "results.md").write_text(markdown(rows, meta))
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
     print((args.out / "results.md").read_text())
