@@ -72,3 +72,7 @@ def test_fp8_targets_follow_the_numbers():
     assert v["fp8: >= 1.3x FlashInfer's fp8 decode (its faster path) on every row"] == (
         f"2 of 2; 1.40x-1.50x (lowest: {small.name})", "met")
     assert not any(t.startswith("fp8") for t in verdicts(rows_for(L4K, lean=10.0, stream=8.0, peer=15.0)))
+    # a 16-bit grid lists lean-16bit as unsupported (no time): no fp8 targets either
+    unsupported = [report.shape_row(L4K, "lean-16bit", median_us=math.nan, note="Unsupported: ...")]
+    assert not any(t.startswith("fp8") for t in verdicts(rows_for(L4K, lean=10.0, stream=8.0, peer=15.0)
+                                                            + unsupported))

@@ -108,8 +108,10 @@ def evaluate(rows: list[dict]) -> list[tuple[str, str, str]]:
 
 
 def fp8_targets(shapes: dict[str, dict]) -> list[tuple[str, str, str]]:
-    """The fp8 grid's targets (rows with a ``lean-16bit`` system: ``bench --fp8``)."""
-    fp8 = {n: by for n, by in shapes.items() if "lean-16bit" in by and math.isfinite(_us(by, "lean"))}
+    """The fp8 grid's targets (rows where the ``lean-16bit`` system ran: ``bench --fp8``; on a 16-bit
+    grid its rows are there but unsupported, without a time)."""
+    fp8 = {n: by for n, by in shapes.items()
+           if "lean-16bit" in by and math.isfinite(_us(by, "lean-16bit")) and math.isfinite(_us(by, "lean"))}
     if not fp8:
         return []
     out = []
