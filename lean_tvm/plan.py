@@ -42,8 +42,8 @@ BLOCK_COST = 4  # a block's cost in the stream-K cost line; ``tile_cost`` is in 
 # Worker-count policy (device-independent: the caller passes the resident CTA count).
 MIN_WORKERS = 8
 MAX_SPLIT = 64
-SPLIT_SCALE = 2.0
-SPLIT_ROUND_UP = 1.5  # a split may grow by up to this factor to divide the tile's blocks evenly
+SPLIT_SCALE = 3.0
+SPLIT_SNAP = 1.5  # a split may move by up to this factor to divide the tile's blocks evenly
 ALIGN_MIN_FRACTION = 0.9
 # Launches of at least this many tiles take the batch variant (schedule_records.py): H200 tuner
 # (interleaved): 2 CTAs/SM 2-13% faster at B32 L2k, B128 L1k and a 2x32k+30x512 batch (256+ tiles),
@@ -54,23 +54,27 @@ BATCH_VARIANT_TILES = 256
 def stream_k_workers(tiles: int, blocks_per_tile: int, resident: int) -> int:
     """Stream-K workers for ``tiles`` tiles of at most ``blocks_per_tile`` blocks (from the cache's
     length: a shape-only choice, graph-safe). At most one block per worker, and a tile split about
-    2 sqrt(blocks) ways (<= 64): its reducer merges the contributors, so a short or lone tile split
-    over every SM spends more merging than streaming. The split grows to the next divisor of the
-    blocks (within 1.5x, :func:`even_split`) so that every chunk is the same length. Fitted to an
-    H200 sweep of the worker count (``python -m lean_tvm.bench.workers``, ``results/h200/workers``):
-    B1 8/1 (one tile) is fastest at 8, 32, 32, 48-64, 64, 64 workers for 16, 64, 128, 256, 512 and
-    1024 blocks, B8 8/1 L2k at 64 (8 x 8), B1 32/8 at 128 from 32 blocks on; the rule picks within
-    3.3% of the best count on all 12 swept shapes (the H100 rule, 3 sqrt(blocks) without rounding,
-    was up to 10% off on the H200: 12 workers at 16 blocks, 34 at 128, 96 at B8 8/1 L2k)."""
-    split = even_split(blocks_per_tile, min(MAX_SPLIT, math.ceil(SPLIT_SCALE * math.sqrt(blocks_per_tile))))
+    3 sqrt(blocks) ways (<= 64): its reducer merges the contributors, so a short or lone tile split
+    over every SM spends more merging than streaming. The split moves to the nearest divisor of the
+    blocks (within 1.5x, :func:`even_split`) so that every chunk is the same length. Two H200 sweeps
+    of the worker count (``python -m lean_tvm.bench.workers``, ``results/h200/workers``): the rule's
+    count is within 1% of the fastest on 8-9 of 11 shapes and within 6% on all (B8 8/1 L2k: 128
+    workers, 12.7 us vs 12.0 at 64), and never more than 0.5% slower than the H100 rule's (3
+    sqrt(blocks) without rounding), which was up to 10% off the fastest (12 workers at 16 blocks,
+    34 at 128, 96 at B8 8/1 L2k)."""
+    split = min(MAX_SPLIT, math.ceil(SPLIT_SCALE * math.sqrt(blocks_per_tile)))
+    if split < MAX_SPLIT:
+        split = even_split(blocks_per_tile, split)
     workers = max(1, min(resident, max(MIN_WORKERS, tiles * blocks_per_tile), tiles * split))
     return aligned_workers(tiles, resident) if workers == resident else workers
 
 
 def even_split(blocks: int, split: int) -> int:
-    """The smallest divisor of ``blocks`` in [split, min(1.5 split, MAX_SPLIT)], else ``split``."""
-    top = min(MAX_SPLIT, int(split * SPLIT_ROUND_UP))
-    return next((k for k in range(max(split, 1), top + 1) if blocks % k == 0), split)
+    """The divisor of ``blocks`` nearest ``split`` (by ratio; the larger on a tie) within a factor
+    SPLIT_SNAP and at most MAX_SPLIT, else ``split``."""
+    lo, hi = max(1, math.ceil(split / SPLIT_SNAP)), min(MAX_SPLIT, int(split * SPLIT_SNAP))
+    near = [k for k in range(lo, hi + 1) if blocks % k == 0]
+    return min(near, key=lambda k: (abs(math.log(k / split)), -k)) if near else split
 
 
 def aligned_workers(tiles: int, resident: int) -> int:

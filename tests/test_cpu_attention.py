@@ -114,11 +114,13 @@ def test_stream_k_workers_bounded_by_the_work(tiles, blocks, resident):
         assert w <= 3 * math.sqrt(blocks) + 1  # a lone tile: few partials to merge
 
 
-@pytest.mark.parametrize("tiles,blocks,want", [(1, 16, 8), (1, 64, 16), (1, 128, 32), (1, 256, 32), (1, 512, 64),
-                                               (1, 1024, 64), (8, 16, 64), (8, 32, 128), (1, 100, 20), (1, 97, 20)])
+@pytest.mark.parametrize("tiles,blocks,want", [(1, 16, 16), (1, 64, 32), (1, 128, 32), (1, 256, 64), (1, 512, 64),
+                                               (1, 1024, 64), (8, 16, 128), (8, 32, 128), (1, 100, 25), (1, 97, 30),
+                                               (1, 1000, 64)])
 def test_stream_k_workers_follow_the_h200_sweep(tiles, blocks, want):
-    """The counts the H200 sweep (results/h200/workers) found fastest, or within 3.3% of it; a split
-    grows to divide the blocks evenly (100 blocks: 20 x 5), a prime count keeps 2 sqrt(blocks)."""
+    """The counts the H200 sweeps (results/h200/workers) found fastest, or within 6% of it; a split
+    moves to the nearest divisor of the blocks (100 blocks: 25 x 4), a prime count keeps
+    3 sqrt(blocks), and a split at the cap stays there (1000 blocks: 64, not the divisor 50)."""
     assert P.stream_k_workers(tiles, blocks, 132) == want
 
 
