@@ -33,7 +33,7 @@ LAYERS = [
     ["lean_tvm.bench.systems"],
     ["lean_tvm.bench.suite"],
     ["lean_tvm.bench.targets", "lean_tvm.bench.ncu", "lean_tvm.bench.tune", "lean_tvm.bench.hf_generate",
-     "lean_tvm.bench.fp8_accuracy",
+     "lean_tvm.bench.fp8_accuracy", "lean_tvm.bench.pdl", "lean_tvm.bench.workers",
      "lean_tvm.bench"],
     ["lean_tvm.bench.__main__"],
 ]
