@@ -4,6 +4,7 @@ replaced by fakes."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -694,6 +695,10 @@ def test_worker_sweep_table_names_the_rule_and_the_best_count(tmp_path):
     table = workers.markdown(rows, {"gpu": "G", "date": "D", "commit": "C"})
     assert "| B1 8/1 | 48 | 19.0 | 64 | 17.1 | 1.111 | 32: 20.0, 48: 19.0, 64: 17.1 |" in table
     assert {s.name for s in workers.SHAPES} >= {"B1 8/1 D128 fp16 L32k", "B1 32/8 D128 fp16 L4k"}
+    assert workers._counts("8,16,132") == (8, 16, 132)
+    for bad in ("8,x", "0,16", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive integers"):
+            workers._counts(bad)
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA"):
             workers.main(["--out", str(tmp_path)])

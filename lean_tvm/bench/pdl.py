@@ -36,11 +36,10 @@ from .grid import K, select_shapes, uniform
 from .report import write_csv
 from .suite import git_commit, portable_argv
 from .systems import make_case
-from .timing import Timer, gpu_clocks
+from .timing import Timer, capture_graph, gpu_clocks
 
 SHAPES = [uniform(1, 4 * K, 32, 8), uniform(1, 16 * K, 32, 8), uniform(8, 4 * K, 32, 8), uniform(32, 2 * K, 32, 8),
           uniform(1, 32 * K, 8, 1)]
-PATTERNS = ("alone", "chain", "pair", "proj")
 HIDDEN = 4096
 
 
@@ -76,26 +75,13 @@ def _measure_shape(timer: Timer, device: torch.device, shape, layers: int, reps:
              "proj": lambda: [projection(i) for i in range(layers)]}
     calls = {"alone": (lambda: attention(0), 1)}
     for name, step in steps.items():
-        calls[name] = (_graph(step, device).replay, layers)
+        calls[name] = (capture_graph(step, device).replay, layers)
     rows = []
     for name, (fn, n) in calls.items():
         st = timer.device_time(fn, reps)
         rows.append({"shape": shape.name, "pattern": name, "us": st.median / n, "p10_us": st.p10 / n,
                      "p90_us": st.p90 / n})
     return rows
-
-
-def _graph(step, device: torch.device) -> torch.cuda.CUDAGraph:
-    """``step`` captured once (after a warm-up on a side stream, as torch asks)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
 
 
 def parse_configs(text: str) -> list[tuple[str, dict[str, str]]]:

@@ -81,7 +81,7 @@ from .systems import (
     sync,
     tvm_runner,
 )
-from .timing import Timer, gpu_clocks, interleaved
+from .timing import Timer, capture_graph, gpu_clocks, interleaved
 
 PAGED_PEERS = ("flashinfer", "flashinfer-tc", TVM_TIR)  # they read a paged cache
 DENSE_ONLY = ("lean-blhd", "lean-nosplit", "lean-fixedsplit")  # the dense one-token kernel's variants
@@ -113,24 +113,9 @@ def host_reps(device_us: float) -> int:
     return int(min(500, max(20, 50_000 / max(device_us, 5.0)))) if finite(device_us) else 20
 
 
-_CAPTURE_STREAM: dict[str, torch.cuda.Stream] = {}
-
-
 def graph_host_us(timer: Timer, runner: Runner, device_us: float) -> float:
-    """Per-call wall time of replaying a CUDA graph of one call (one stream for every capture, so
-    the lean workspace cached per stream is allocated once)."""
-    dev = str(timer.device)
-    if dev not in _CAPTURE_STREAM:
-        _CAPTURE_STREAM[dev] = torch.cuda.Stream(timer.device)
-    stream = _CAPTURE_STREAM[dev]
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            runner.fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        runner.fn()
+    """Per-call wall time of replaying a CUDA graph of one call (``timing.capture_graph``)."""
+    graph = capture_graph(runner.fn, timer.device, warmups=2)
     us = timer.host_time(graph.replay, reps=host_reps(device_us))
     del graph
     return us

@@ -78,6 +78,26 @@ class Timer:
         return per_call
 
 
+_CAPTURE_STREAM: dict[str, torch.cuda.Stream] = {}
+
+
+def capture_graph(fn: Callable[[], object], device: torch.device, warmups: int = 1) -> torch.cuda.CUDAGraph:
+    """``fn`` warmed up and captured into a CUDA graph on one side stream per device (the lean
+    workspace, cached per stream, is then allocated once for every capture)."""
+    if str(device) not in _CAPTURE_STREAM:
+        _CAPTURE_STREAM[str(device)] = torch.cuda.Stream(device)
+    stream = _CAPTURE_STREAM[str(device)]
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    return graph
+
+
 @dataclasses.dataclass(frozen=True)
 class RoundStats:
     """A system's device time over interleaved rounds (microseconds)."""

@@ -68,24 +68,33 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return counts
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lean_tvm.bench.workers", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for results.csv, results.md, meta.json")
     ap.add_argument("--shapes", help="regex over the shape names")
-    ap.add_argument("--counts", default=",".join(map(str, COUNTS)), help="worker counts (those past the resident "
-                    "CTAs are skipped)")
+    ap.add_argument("--counts", type=_counts, default=COUNTS, help="comma-separated worker counts (those past the "
+                    "resident CTAs are skipped)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: the sweep times the GPU kernel")
     device = torch.device("cuda")
-    counts = [int(c) for c in args.counts.split(",")]
     timer = Timer(device)
     timer.warm_clocks()
     rows = []
     for shape in select_shapes(SHAPES, args.shapes):
-        rows += sweep(device, shape, counts, args.rounds, args.reps, timer)
+        rows += sweep(device, shape, args.counts, args.rounds, args.reps, timer)
         best = min((r for r in rows if r["shape"] == shape.name), key=lambda r: r["us"])
         print(f"[workers] {shape.name}: best {best['workers']} ({best['us']:.1f} us)", flush=True)
     meta = {"gpu": torch.cuda.get_device_name(device), "clocks": gpu_clocks(device), "commit": git_commit(),
